@@ -1,0 +1,55 @@
+# recomp-eval: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# Pins live here and only here: the CPU build of torch is installed first so that nothing
+# pulls a CUDA build; lmms-eval (scoring oracle) goes in without its dependencies.
+TORCH_PIN := torch==2.13.0
+LMMS_EVAL_PIN := lmms-eval==0.7.3
+LMMS_RUNTIME := accelerate loguru sacrebleu evaluate pytz tenacity pytablewriter
+ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: help install lint format test test-all test-gpu bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -c <(echo $(TORCH_PIN)) -e '.[dev]'
+	$(PIP) install -q --no-deps $(LMMS_EVAL_PIN)
+	$(PIP) install -q -c <(echo $(TORCH_PIN)) $(LMMS_RUNTIME)
+	@$(PY) -c "import importlib.util, sys; sys.exit('torchvision must not be installed (breaks transformers on the CPU torch)' if importlib.util.find_spec('torchvision') else 0)"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install pinned dependencies
+
+lint: $(VENV)/.installed ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: $(VENV)/.installed ## run the test suite (installs first when needed)
+	$(PY) -m pytest -q -m "not slow and not gpu and not hub" $(ARGS)
+
+test-all: $(VENV)/.installed ## run all tests including slow ones
+	$(PY) -m pytest -q -m "not gpu and not hub" $(ARGS)
+
+test-gpu: $(VENV)/.installed ## run the GPU smoke tests (needs CUDA)
+	$(PY) -m pytest -q -m gpu $(ARGS)
+
+bench: $(VENV)/.installed ## compression benchmark (JSON + markdown under results/bench)
+	$(PY) scripts/bench_compression.py $(ARGS)
+
+clean: ## remove caches (keeps .venv and results)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
