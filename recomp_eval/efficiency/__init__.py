@@ -1,0 +1,1 @@
+"""Analytic cost (FLOPs) and timing helpers."""
