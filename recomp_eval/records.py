@@ -1,0 +1,145 @@
+"""Run records: the self-describing ``results.json`` of one (model, benchmark, method) run.
+
+A record holds everything needed to interpret and reproduce a number: the resolved config, git
+commit, package versions, device, dataset id and revision, protocol, metrics, token counts,
+latencies, FLOPs and sample counts. ``reportable`` is False for ``limit`` runs and CPU timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+PACKAGES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "hydra-core",
+    "numpy",
+    "pillow",
+    "scikit-learn",
+    "wandb",
+    "recomp-eval",
+)
+
+
+@dataclass
+class RunRecord:
+    """One evaluated (model, benchmark, protocol, method, retention) combination."""
+
+    run_key: str
+    model: dict[str, Any]
+    benchmark: dict[str, Any]
+    protocol: str
+    method: dict[str, Any]
+    metrics: dict[str, float]
+    primary_metric: str
+    tokens: dict[str, float]
+    latency_ms: dict[str, dict[str, float]]
+    flops: dict[str, float]
+    samples: dict[str, Any]
+    reportable: bool
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    schema: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """Hash of a JSON-serialisable payload, independent of key order."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=False, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """Current commit hash (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    root = cwd or Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Git commit, packages, python, host and accelerator names."""
+    info: dict[str, Any] = {
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+    }
+    try:
+        import torch
+
+        if device.startswith("cuda") and torch.cuda.is_available():
+            info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+            info["cuda"] = torch.version.cuda
+        else:
+            info["device_name"] = platform.processor() or "cpu"
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    return info
+
+
+def load_records(root: Path) -> list[dict[str, Any]]:
+    """Every ``results.json`` under ``root`` (recursively), sorted by path."""
+    records = []
+    for path in sorted(Path(root).rglob("results.json")):
+        with open(path) as handle:
+            record = json.load(handle)
+        if record.get("schema") != SCHEMA_VERSION:
+            continue
+        record["_path"] = str(path)
+        records.append(record)
+    return records
