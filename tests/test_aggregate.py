@@ -36,9 +36,7 @@ def write_sweep(root: Path) -> None:
         make_record("gqa", "none", None, 60.0, 576),
         make_record("pope", "none", None, 80.0, 576),
     ]
-    for i, (ratio, gqa, pope) in enumerate(
-        [(0.1, 45.0, 72.0), (0.2, 51.0, 76.0), (0.5, 57.0, 80.0)]
-    ):
+    for ratio, gqa, pope in [(0.1, 45.0, 72.0), (0.2, 51.0, 76.0), (0.5, 57.0, 80.0)]:
         records.append(make_record("gqa", "recomp", ratio, gqa, 576 * ratio))
         records.append(make_record("pope", "recomp", ratio, pope, 576 * ratio))
     for i, rec in enumerate(records):
@@ -69,5 +67,5 @@ def test_latest_record_wins_and_empty_root_errors(tmp_path: Path) -> None:
     acc = write_tables(tmp_path / "runs", tmp_path / "t")["accuracy"]
     row = acc[(acc["method"] == "recomp") & (acc["retention"] == "0.1")]
     assert row["gqa"].item() == 50.0
-    with pytest.raises(SystemExit, match="no results.json"):
+    with pytest.raises(SystemExit, match=r"no results\.json"):
         write_tables(tmp_path / "empty", tmp_path / "t2")
