@@ -1,0 +1,52 @@
+"""Metrics: answer normalisation, per-benchmark scoring, loyalty, submission files."""
+
+from recomp_eval.metrics.gqa import gqa_accuracy
+from recomp_eval.metrics.loyalty import loyalty_metrics, paired_bootstrap_ci
+from recomp_eval.metrics.mme import COGNITION, PERCEPTION, mme_scores
+from recomp_eval.metrics.normalize import (
+    evalai_normalize,
+    parse_mme_lmms_eval,
+    parse_mme_tool,
+    parse_pope_llava,
+    parse_pope_strict,
+)
+from recomp_eval.metrics.pope import pope_metrics, pope_metrics_by_split, pope_metrics_lmms_eval
+from recomp_eval.metrics.registry import METRICS, NORMALIZERS, MetricSpec, Registry, apply_pipeline
+from recomp_eval.metrics.scoring import DEFAULT_METRICS, score
+from recomp_eval.metrics.submission import (
+    submission_entries,
+    write_submission,
+    write_textvqa_submission,
+    write_vqav2_submission,
+)
+from recomp_eval.metrics.vqa import textvqa_accuracy, vqa_accuracy
+
+__all__ = [
+    "COGNITION",
+    "DEFAULT_METRICS",
+    "METRICS",
+    "NORMALIZERS",
+    "PERCEPTION",
+    "MetricSpec",
+    "Registry",
+    "apply_pipeline",
+    "evalai_normalize",
+    "gqa_accuracy",
+    "loyalty_metrics",
+    "mme_scores",
+    "paired_bootstrap_ci",
+    "parse_mme_lmms_eval",
+    "parse_mme_tool",
+    "parse_pope_llava",
+    "parse_pope_strict",
+    "pope_metrics",
+    "pope_metrics_by_split",
+    "pope_metrics_lmms_eval",
+    "score",
+    "submission_entries",
+    "textvqa_accuracy",
+    "vqa_accuracy",
+    "write_submission",
+    "write_textvqa_submission",
+    "write_vqav2_submission",
+]
