@@ -147,7 +147,8 @@ def gather_cols(mask: torch.Tensor, index: torch.Tensor, prefill_len: int) -> to
     new = torch.arange(prefill_len, kv_len, device=index.device).expand(b, -1)  # [B,kv-L]
     cols = torch.cat([index, new], dim=1)  # [B,L'+kv-L]
     mask = mask.expand(b, *mask.shape[1:])  # [B,1,q,kv]
-    return mask.gather(3, cols[:, None, None, :].expand(b, 1, q_len, cols.shape[1]))
+    index4 = cols[:, None, None, :].expand(b, 1, q_len, cols.shape[1])  # [B,1,q,L'+kv-L]
+    return mask.gather(3, index4)  # [B,1,q,L'+kv-L]
 
 
 def _state(name: str) -> _State:
