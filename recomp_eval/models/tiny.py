@@ -1,0 +1,252 @@
+"""Offline tiny LLaVA fixture: random weights, locally trained tokenizer, saved to a folder.
+
+The folder has the same layout as a real checkpoint plus a ``clip/`` sub-folder holding a tiny
+``CLIPModel`` (text tower, text projection, vision tower, visual projection), so tests load it with
+:func:`recomp_eval.models.loader.load_llava` and :func:`~recomp_eval.models.loader.load_clip_text`
+exactly like ``llava-hf/llava-1.5-7b-hf`` and ``openai/clip-vit-large-patch14-336``.
+
+Building takes well under a second; a built folder is reused (keyed by a hash of the options).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# A few sentences covering the prompt templates and test questions, so the BPE has real merges.
+_CORPUS = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: What is in the image? ASSISTANT: A cat sitting on a red mat.",
+    "Answer the question using a single word or phrase. Please answer yes or no.",
+    "What colour is the bus? How many people are there? Is there a dog in the picture?",
+    "Reference OCR token: stop, sign, street, 42, open, coffee, shop.",
+    "the quick brown fox jumps over the lazy dog 0123456789 yes no left right",
+)
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+# Same shape as the llava-hf template: "USER: <image>\n{text} ASSISTANT:" (no system prompt).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %} "
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny model; every field enters the cache key."""
+
+    image_size: int = 112  # 8 x 8 = 64 patches at patch 14
+    patch_size: int = 14
+    vision_width: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    clip_text_width: int = 32
+    clip_proj_dim: int = 16
+    vocab_size: int = 400
+    weight_scale: float = 3.0  # random LLMs emit near-constant tokens; scaling spreads the logits
+    seed: int = 0
+
+
+def _train_tokenizer(vocab_size: int):
+    """Byte-level BPE trained on :data:`_CORPUS`; ``<image>`` is one special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def _clip_tokenizer(vocab_size: int):
+    """CLIP-style text tokenizer: ``<s> text </s>``, right padding, EOT = ``</s>``."""
+    from tokenizers import processors
+
+    tok = _train_tokenizer(vocab_size)
+    bos, eos = tok.convert_tokens_to_ids(["<s>", "</s>"])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> $B </s>",
+        special_tokens=[("<s>", bos), ("</s>", eos)],
+    )
+    tok.padding_side = "right"
+    tok.model_max_length = 77
+    return tok
+
+
+def _scale_(model: torch.nn.Module, factor: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(factor)
+
+
+def _build(spec: TinySpec, folder: Path) -> None:
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    torch.manual_seed(spec.seed)
+    tok = _train_tokenizer(spec.vocab_size)
+    tok.chat_template = CHAT_TEMPLATE
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_width,
+        intermediate_size=2 * spec.vision_width,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.clip_proj_dim,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=spec.text_width,
+        intermediate_size=2 * spec.text_width,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    _scale_(model.model.language_model, spec.weight_scale)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+
+    side = spec.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+
+    # CLIP text tower + visual projection; the vision half copies LLaVA's tower (as in OpenAI's).
+    clip_tok = _clip_tokenizer(spec.vocab_size)
+    clip_cfg = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            hidden_size=spec.clip_text_width,
+            intermediate_size=2 * spec.clip_text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=clip_tok.model_max_length,
+            projection_dim=spec.clip_proj_dim,
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+        ).to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=spec.clip_proj_dim,
+    )
+    clip = CLIPModel(clip_cfg).eval()
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    clip.save_pretrained(folder / "clip")
+    clip_tok.save_pretrained(folder / "clip")
+    (folder / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=1))
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("RECOMP_EVAL_CACHE") or os.path.join(tempfile.gettempdir(), "recomp_eval")
+    return Path(root) / "tiny"
+
+
+def build_tiny(spec: TinySpec | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Build (or reuse) the tiny checkpoint folder and return its path.
+
+    The folder loads with ``load_llava(path)``; its CLIP text tower with ``load_clip_text(path/"clip")``.
+    """
+    spec = spec or TinySpec()
+    key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir or default_cache_dir()) / key
+    if (folder / "tiny_spec.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    try:
+        _build(spec, tmp)
+        os.replace(tmp, folder)  # atomic publish; a concurrent builder may have won the race
+    except OSError:
+        if not (folder / "tiny_spec.json").exists():
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_tiny(
+    spec: TinySpec | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """Build (or reuse) the tiny folder and load it with the real-checkpoint loader."""
+    from recomp_eval.models.loader import load_llava
+
+    return load_llava(
+        str(build_tiny(spec)), dtype=dtype, device=device, attn_implementation=attn_implementation
+    )

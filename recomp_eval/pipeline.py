@@ -1,0 +1,189 @@
+"""One entry point: batched generation with any compression method on a LLaVA checkpoint.
+
+``generate(bundle, method, images, user_texts, questions, protocol, sample_ids, max_new_tokens)``
+renders prompts per protocol, preprocesses images, runs the vision side inside
+``compress(model, method)`` (signals -> method -> projector), feeds exactly ``lengths[i]`` image
+tokens per sample and decodes greedily. Timings are the batch's stage times in ms (equal to the
+sample's own at batch size 1); ``batch_size`` is recorded with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from recomp_eval.inject.context import compress
+from recomp_eval.inject.llava_hf import (
+    add_text_signal,
+    expand_image_tokens,
+    generate_with_features,
+    project,
+    run_tower,
+)
+from recomp_eval.methods.base import Compressed
+from recomp_eval.models.conversation import render_prompt
+from recomp_eval.models.images import preprocess_images
+from recomp_eval.models.loader import ModelBundle, load_clip_text
+from recomp_eval.signals.text import encode_texts, select_texts
+from recomp_eval.signals.vision import sample_seeds
+from recomp_eval.timing import FirstTokenMark, StageTimer
+
+
+@dataclass
+class GenerationResult:
+    """One sample's output.
+
+    ``kept_tokens``: visual tokens the LLM received (pre-LLM methods: ``lengths[i]``; in-LLM
+    methods: the average over decoder layers of the visual tokens at each layer's input).
+    ``compressed``: the sample's :class:`Compressed` on CPU (source, role, members, stats; the
+    features are dropped: shape [1,T,0]).
+    """
+
+    sample_id: str
+    text: str
+    kept_tokens: float
+    timings: dict[str, float]
+    batch_size: int
+    prompt: str
+    compressed: Compressed | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # [new, V], only with output_logits=True
+
+
+@dataclass
+class PreparedBatch:
+    """Tokenized prompts and pixels for a batch (shared by ``generate`` and tests)."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    pixel_values: torch.Tensor  # [B,3,S,S]
+
+
+def prepare_batch(
+    bundle: ModelBundle, images: Sequence[Image.Image], user_texts: Sequence[str], protocol: str
+) -> PreparedBatch:
+    """Render and tokenize one prompt per sample (single image token) and preprocess images."""
+    prompts = [
+        render_prompt(protocol, t, bundle.tokenizer, bundle.processor, bundle.image_token)
+        for t in user_texts
+    ]
+    prompt_ids = [bundle.tokenizer(p)["input_ids"] for p in prompts]
+    pixel_values = preprocess_images(images, bundle.image_processor, protocol)
+    return PreparedBatch(prompts=prompts, prompt_ids=prompt_ids, pixel_values=pixel_values)
+
+
+def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+@torch.no_grad()
+def generate(
+    bundle: ModelBundle,
+    method: Any,
+    images: Sequence[Image.Image],
+    user_texts: Sequence[str],
+    questions: Sequence[str],
+    protocol: str,
+    sample_ids: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    **generate_kwargs: Any,
+) -> list[GenerationResult]:
+    """Greedy generation for a batch with ``method`` applied.
+
+    Args:
+        bundle: from :func:`~recomp_eval.models.loader.load_llava`.
+        method: a :class:`~recomp_eval.methods.BuiltMethod`.
+        images: B PIL images.
+        user_texts: B user turns (question plus protocol suffix), without the image token.
+        questions: B dataset questions (no suffix) for ``TextSpec.source == "question"``.
+        protocol: ``llava15`` or ``lmms_eval``.
+        sample_ids: B ids (seeds for seeded methods are a stable hash of these).
+        max_new_tokens: decoding limit.
+        stop: stop strings (generation stops there; the text is cut before them).
+        generate_kwargs: extra ``model.generate`` options (default greedy).
+    """
+    b = len(images)
+    if not (len(user_texts) == len(questions) == len(sample_ids) == b):
+        raise ValueError("images, user_texts, questions and sample_ids must have equal lengths")
+    model, device = bundle.model, bundle.device
+    batch = prepare_batch(bundle, images, user_texts, protocol)
+    spec = method.spec
+    timer = StageTimer(device)
+    seeds = sample_seeds(sample_ids, device) if spec.needs_seeds else None
+    clip_text = None
+    if spec.text is not None:
+        clip_text = load_clip_text(bundle.clip_text_id, bundle.dtype, device)
+    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=bundle.tokenizer)
+    with compress(model, method, bundle.image_token_id) as probe:
+        with timer.stage("vision"):
+            tower_out = run_tower(model, batch.pixel_values, spec, probe, seeds)
+        if clip_text is not None:
+            with timer.stage("text"):
+                texts = select_texts(
+                    spec.text, questions, batch.prompt_ids, bundle.tokenizer, bundle.image_token_id
+                )
+                text_embeds = encode_texts(clip_text, texts, spec.text)  # [B,D]
+                add_text_signal(tower_out, text_embeds, clip_text.visual_projection)
+        with timer.stage("compression"):
+            compressed = method(tower_out.signals)
+            features = project(model, compressed)  # B x [T_i, E]
+        lengths = compressed.lengths.tolist()
+        input_ids, attention_mask = expand_image_tokens(
+            batch.prompt_ids,
+            lengths,
+            bundle.image_token_id,
+            bundle.tokenizer.pad_token_id,
+            device,
+        )
+        mark = FirstTokenMark(timer)
+        start = timer.mark()
+        out = generate_with_features(
+            model, input_ids, attention_mask, features, logits_processor=[mark], **kwargs
+        )
+        end = timer.mark()
+        llm_probe = probe.llm
+    timer.add("prefill", start, mark.first if mark.first is not None else end)
+    timer.add("decode", mark.first if mark.first is not None else end, end)
+    timings = timer.results_ms()
+    kept = [float(t) for t in lengths]
+    if llm_probe is not None:
+        kept = llm_probe.mean_visual_tokens[-b:].tolist()
+    sequences = out.sequences if hasattr(out, "sequences") else out  # [B, L + new]
+    logits = getattr(out, "logits", None)  # new x [B,V] with output_logits=True
+    new_tokens = sequences[:, input_ids.shape[1] :].cpu()
+    texts_out = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    compressed_cpu = _to_cpu(compressed)
+    return [
+        GenerationResult(
+            sample_id=str(sample_ids[i]),
+            text=_truncate_at_stop(texts_out[i], stop).strip(),
+            kept_tokens=kept[i],
+            timings=dict(timings),
+            batch_size=b,
+            prompt=batch.prompts[i],
+            compressed=compressed_cpu.sample(i),
+            new_token_ids=new_tokens[i].tolist(),
+            logits=None if logits is None else torch.stack([x[i] for x in logits]).cpu(),
+        )
+        for i in range(b)
+    ]
+
+
+def _to_cpu(c: Compressed) -> Compressed:
+    """Provenance copy on CPU; features are dropped (an empty last axis) to keep results small."""
+    return Compressed(
+        features=c.features.new_zeros((*c.features.shape[:2], 0), device="cpu"),
+        lengths=c.lengths.cpu(),
+        source=c.source.cpu(),
+        role=c.role.cpu(),
+        members=c.members.cpu(),
+        stats={k: v.detach().cpu() for k, v in c.stats.items()},
+    )
