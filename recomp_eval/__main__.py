@@ -1,0 +1,3 @@
+from recomp_eval.cli import main
+
+main()

@@ -1,0 +1,469 @@
+"""``evaluate(cfg)``: load the model once, run every requested (method, retention), score, record.
+
+Each run lives in a folder addressed by a hash of everything that changes its outputs (model,
+dtype, method and options, retention, protocol, dataset id/revision/split/version, limit,
+generation settings), so running the same command again resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from recomp_eval import keepmap
+from recomp_eval.efficiency.flops import DecoderShape, prefill_flops, vit_flops
+from recomp_eval.methods import BuiltMethod, build_method, check_retention
+from recomp_eval.records import RunRecord, environment, stable_hash, write_json_atomic
+from recomp_eval.runner import PendingSample, SampleStore, run_loop
+from recomp_eval.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+STAGES = ("vision", "text", "compression", "prefill", "decode")
+PRIMARY_NAMES = {
+    "gqa": ("accuracy",),
+    "vqav2": ("accuracy",),
+    "textvqa": ("accuracy",),
+    "pope": ("f1_mean", "f1"),
+    "mme": ("perception",),
+}
+
+
+@dataclass
+class RunSpec:
+    """One (method, retention, options) to evaluate on the loaded model."""
+
+    method: str
+    retention: float | None
+    options: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        variant = self.options.get("variant")
+        return f"{self.method}[{variant}]" if variant else self.method
+
+
+def load_model(model_cfg: DictConfig | dict[str, Any]):
+    """Load the configured checkpoint (``id: tiny`` builds the offline tiny model)."""
+    from recomp_eval.models.loader import load_llava
+    from recomp_eval.models.tiny import build_tiny
+
+    cfg = dict(model_cfg)
+    model_id = str(build_tiny()) if cfg["id"] == "tiny" else os.path.expanduser(str(cfg["id"]))
+    device = cfg.get("device", "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"model.device={device} but CUDA is not available; pass model.device=cpu "
+            f"(and model.dtype=float32 or bfloat16 on CPU)"
+        )
+    return load_llava(
+        model_id,
+        dtype=cfg.get("dtype", "float32"),
+        device=device,
+        attn_implementation=cfg.get("attn_implementation", "sdpa"),
+        clip_text_id=cfg.get("clip_text_id"),
+    )
+
+
+def expand_runs(cfg: DictConfig) -> list[RunSpec]:
+    """The ``runs`` list, or the single ``method`` group selection with top-level retention."""
+    base = OmegaConf.to_container(cfg.method, resolve=True)
+    assert isinstance(base, dict)
+    specs = []
+    entries = list(cfg.get("runs") or []) or [{}]
+    for entry in entries:
+        entry = (
+            OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
+        )
+        if entry.get("method") and entry["method"] != base.get("name"):
+            options: dict[str, Any] = {}
+            method_name = entry["method"]
+            default_retention = None
+        else:
+            options = {k: v for k, v in base.items() if k not in ("name", "retention")}
+            method_name = base["name"]
+            default_retention = base.get("retention")
+        options.update(entry.get("options") or {})
+        retention = entry.get("retention", cfg.get("retention"))
+        if retention is None:
+            retention = default_retention
+        check_retention(retention)
+        specs.append(RunSpec(method_name, retention, options))
+    return specs
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": float("nan"), "p90": float("nan"), "mean": float("nan")}
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, int(0.9 * (len(ordered) - 1) + 0.5))]
+    return {"median": statistics.median(ordered), "p90": p90, "mean": statistics.fmean(ordered)}
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"total": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    return {"total": rss, "kind": "host_rss"}
+
+
+class Evaluation:
+    """State shared by the runs of one process: config, model bundle, benchmark, protocol."""
+
+    def __init__(self, cfg: DictConfig, bundle: Any = None) -> None:
+        from recomp_eval.benchmarks import build_benchmark
+        from recomp_eval.benchmarks.prompts import generation_settings
+
+        self.cfg = cfg
+        torch.manual_seed(int(cfg.seed))
+        if cfg.runner.get("torch_threads"):
+            torch.set_num_threads(int(cfg.runner.torch_threads))
+        self.bundle = bundle if bundle is not None else load_model(cfg.model)
+        self.protocol = str(cfg.protocol.name)
+        bench_cfg = OmegaConf.to_container(cfg.benchmark, resolve=True)
+        assert isinstance(bench_cfg, dict)
+        self.bench_cfg = bench_cfg
+        self.benchmark = build_benchmark(bench_cfg, limit=cfg.get("limit"))
+        self.settings = generation_settings(self.benchmark.name, self.protocol)
+        self.records_dir = Path(cfg.paths.records_dir)
+
+    # --- identity of a run ----------------------------------------------------------------------
+
+    def run_identity(self, spec: RunSpec, method: BuiltMethod) -> dict[str, Any]:
+        model = self.cfg.model
+        return {
+            "model": {
+                "id": str(model.id),
+                "revision": model.get("revision"),
+                "dtype": str(model.dtype),
+                "attn": str(model.get("attn_implementation", "sdpa")),
+            },
+            "method": {"name": spec.method, "config": method.config, "retention": spec.retention},
+            "protocol": OmegaConf.to_container(self.cfg.protocol, resolve=True),
+            "benchmark": {k: v for k, v in self.bench_cfg.items() if k not in ("data_dir",)},
+            "revision": self.benchmark_revision(),
+            "limit": self.cfg.get("limit"),
+            "generation": self.settings,
+        }
+
+    def benchmark_revision(self) -> str | None:
+        source = getattr(self.benchmark, "source", None)
+        if source is None:
+            len(self.benchmark)  # loads the split and resolves its source
+            source = getattr(self.benchmark, "source", None)
+        if source is None:
+            return None
+        return source.resolved_revision or source.revision
+
+    def run_dir(self, spec: RunSpec, key: str) -> Path:
+        ret = "adaptive" if spec.retention is None else f"r{spec.retention:g}"
+        label = spec.label.replace("[", "-").replace("]", "")
+        return (
+            self.records_dir
+            / self.benchmark.name
+            / str(self.cfg.model.name)
+            / self.protocol
+            / f"{label}-{ret}-{key}"
+        )
+
+    # --- one run --------------------------------------------------------------------------------
+
+    def pending(self, done: dict[str, Any]) -> Iterator[PendingSample]:
+        from recomp_eval.benchmarks.prompts import user_prompt
+
+        for sample in self.benchmark:
+            if sample.sample_id in done:
+                continue
+            yield PendingSample(
+                sample.sample_id, sample, user_prompt(sample, self.protocol), "default"
+            )
+
+    def generate_batch(self, method: BuiltMethod, batch: list[PendingSample], warm: bool):
+        from recomp_eval.pipeline import generate
+
+        results = generate(
+            self.bundle,
+            method,
+            images=[p.sample.image for p in batch],
+            user_texts=[p.user_text for p in batch],
+            questions=[p.sample.question for p in batch],
+            protocol=self.protocol,
+            sample_ids=[p.sample_id for p in batch],
+            max_new_tokens=int(self.settings["max_new_tokens"]),
+            stop=tuple(self.settings.get("stop") or ()),
+        )
+        rows = []
+        image_token = self.bundle.image_token_id
+        for pending, res in zip(batch, results):
+            prompt_ids = self.bundle.tokenizer(res.prompt)["input_ids"]
+            text_tokens = sum(1 for t in prompt_ids if t != image_token)
+            codes = None
+            if res.compressed is not None:
+                c = res.compressed
+                codes = keepmap.encode(keepmap.keep_map(c.role[0], c.source[0], c.members[0]))
+            rows.append(
+                {
+                    "sample_id": pending.sample_id,
+                    "question": pending.sample.question,
+                    "answers": pending.sample.answers,
+                    "meta": pending.sample.meta,
+                    "prediction": res.text,
+                    "kept_tokens": res.kept_tokens,
+                    "text_tokens": text_tokens,
+                    "new_tokens": len(res.new_token_ids),
+                    "timings_ms": res.timings,
+                    "batch_size": res.batch_size,
+                    "warmup": not warm,
+                    "keep_map": codes,
+                    "prompt": res.prompt if pending is batch[0] else None,
+                }
+            )
+        return rows
+
+    def run(self, spec: RunSpec) -> RunRecord:
+        method = build_method(spec.method, retention=spec.retention, **spec.options)
+        identity = self.run_identity(spec, method)
+        key = stable_hash(identity)
+        out_dir = self.run_dir(spec, key)
+        store = SampleStore(out_dir / "samples.jsonl")
+        done = store.load()
+        if done:
+            log.info("resuming %s: %d samples already done", out_dir, len(done))
+        device = self.bundle.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        warmup = int(self.cfg.runner.warmup_batches)
+        counter = {"batches": 0}
+
+        def gen(batch: list[PendingSample]) -> list[dict[str, Any]]:
+            warm = counter["batches"] >= warmup
+            counter["batches"] += 1
+            return self.generate_batch(method, batch, warm)
+
+        total = max(0, len(self.benchmark) - len(done))
+        run_loop(
+            self.pending(done),
+            gen,
+            store,
+            batch_size=int(self.cfg.runner.batch_size),
+            window=int(self.cfg.runner.sort_window),
+            total=total,
+            desc=f"{self.benchmark.name}:{spec.label}@{spec.retention}",
+            stop_after=self.cfg.runner.get("stop_after_batches"),
+        )
+        rows = list(store.load().values())
+        record = self.make_record(spec, method, identity, key, rows)
+        write_json_atomic(out_dir / "results.json", record.to_dict())
+        log.info("wrote %s", out_dir / "results.json")
+        return record
+
+    # --- the record -----------------------------------------------------------------------------
+
+    def make_record(self, spec, method, identity, key, rows) -> RunRecord:
+        from recomp_eval.metrics import score
+
+        bench = self.benchmark.name
+        metric_names = (
+            self.bench_cfg.get("metrics", {}).get(self.protocol)
+            if isinstance(self.bench_cfg.get("metrics"), dict)
+            else None
+        )
+        metrics = score(bench, rows, self.protocol, metrics=metric_names)
+        metrics.update(self.loyalty(spec, rows))
+        primary = self.primary_metric_key(metrics, bench, self.protocol)
+        kept = [float(r["kept_tokens"]) for r in rows]
+        timed = [r for r in rows if not r.get("warmup")] or rows
+        latency = {s: _stats([r["timings_ms"].get(s, 0.0) for r in timed]) for s in STAGES}
+        latency["decode_per_token"] = _stats(
+            [r["timings_ms"].get("decode", 0.0) / max(1, r["new_tokens"] - 1) for r in timed]
+        )
+        flops = self.flops(method, rows)
+        report = self.benchmark.report()
+        n_total = len(rows) + report.get("n_skipped", 0)
+        reportable = self.cfg.get("limit") is None and self.bundle.device.type == "cuda"
+        prompt = next((r["prompt"] for r in rows if r.get("prompt")), None)
+        return RunRecord(
+            run_key=key,
+            model={
+                "name": str(self.cfg.model.name),
+                "id": str(self.cfg.model.id),
+                "dtype": str(self.cfg.model.dtype),
+            },
+            benchmark={
+                "name": bench,
+                "version": self.benchmark.version,
+                "source": report.get("source"),
+                "split": self.bench_cfg.get("split"),
+            },
+            protocol=self.protocol,
+            method={
+                "name": spec.method,
+                "label": spec.label,
+                "retention": spec.retention,
+                "options": spec.options,
+                "config": method.config,
+            },
+            metrics=metrics,
+            primary_metric=primary,
+            tokens={
+                "mean": statistics.fmean(kept) if kept else float("nan"),
+                "min": min(kept, default=float("nan")),
+                "max": max(kept, default=float("nan")),
+                "requested_retention": spec.retention,
+            },
+            latency_ms=latency,
+            flops=flops,
+            samples={
+                "evaluated": len(rows),
+                "total": n_total,
+                "skipped": report.get("n_skipped", 0),
+                "skipped_ids": report.get("skipped", []),
+                "converted": report.get("n_converted", 0),
+                "first_prompt": prompt,
+            },
+            reportable=reportable,
+            peak_memory_mb=_peak_memory(self.bundle.device),
+            env=environment(str(self.bundle.device)),
+            config=OmegaConf.to_container(self.cfg, resolve=True),  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def primary_metric_key(metrics: dict[str, float], bench: str, protocol: str) -> str:
+        """The headline number: accuracy, POPE mean F1 over splits (or pooled F1), MME perception."""
+        from recomp_eval.metrics.registry import METRICS
+        from recomp_eval.metrics.scoring import DEFAULT_METRICS
+
+        spec = METRICS.get(DEFAULT_METRICS[bench][protocol][0])
+        for name in PRIMARY_NAMES[bench]:
+            key = spec.key(bench, name)
+            if key in metrics:
+                return key
+        raise KeyError(f"no primary metric for {bench} among {sorted(metrics)}")
+
+    def flops(self, method: BuiltMethod, rows: list[dict[str, Any]]) -> dict[str, float]:
+        config = self.bundle.model.config
+        shape = DecoderShape.from_config(config.text_config)
+        per_sample = {"swiglu": [], "fastv": []}
+        llm = method.llm
+        for r in rows:
+            text = int(r["text_tokens"])
+            if llm is not None:
+                from recomp_eval.llm_methods.fastv import kept_count
+
+                n_img = round(r.get("n_image_tokens") or self.num_patches())
+                keep = kept_count(n_img, llm)
+                k = min(llm.k_layer, shape.layers)
+                counts = [text + n_img] * k + [text + keep] * (shape.layers - k)
+            else:
+                counts = text + round(float(r["kept_tokens"]))
+            for formula in per_sample:
+                per_sample[formula].append(prefill_flops(counts, shape, formula) / 1e12)  # type: ignore[arg-type]
+        vit = vit_flops(config.vision_config, passes=method.spec.vit_passes) / 1e12
+        mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+        return {
+            "prefill_tflops": mean(per_sample["swiglu"]),
+            "prefill_tflops_fastv_formula": mean(per_sample["fastv"]),
+            "vision_tflops": vit,
+            "formula": "swiglu: 2*(4nd^2 + 2n^2d + 3ndm) per layer (GQA-aware QKVO); fastv: 2ndm FFN",
+        }
+
+    def num_patches(self) -> int:
+        vc = self.bundle.model.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def loyalty(self, spec: RunSpec, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Loyalty metrics against the uncompressed run of the same setting, when it exists."""
+        if spec.method == "none":
+            return {}
+        from recomp_eval.metrics.loyalty import loyalty_metrics
+
+        ref_spec = RunSpec("none", None, {})
+        ref_method = build_method("none")
+        ref_key = stable_hash(self.run_identity(ref_spec, ref_method))
+        ref_store = SampleStore(self.run_dir(ref_spec, ref_key) / "samples.jsonl")
+        reference = list(ref_store.load().values()) if ref_store.path.exists() else []
+        if not reference:
+            return {}
+        return loyalty_metrics(rows, reference, self.benchmark.name, self.protocol)
+
+
+def evaluate(cfg: DictConfig, bundle: Any = None) -> list[RunRecord]:
+    """Run every configured (method, retention) on one loaded model; returns their records."""
+    evaluation = Evaluation(cfg, bundle)
+    records = []
+    for spec in expand_runs(cfg):
+        identity_cfg = OmegaConf.to_container(cfg, resolve=True)
+        tracker = (
+            make_tracker(
+                OmegaConf.to_container(cfg.logger, resolve=True),  # type: ignore[arg-type]
+                name=f"{evaluation.benchmark.name}-{spec.label}-{spec.retention}",
+                config={**identity_cfg, "run": spec.__dict__},  # type: ignore[dict-item]
+                output_dir=Path(cfg.paths.root),
+            )
+            if cfg.logger.get("name", "none") != "none"
+            else make_tracker(None)
+        )
+        with tracker:
+            record = evaluation.run(spec)
+            tracker.log_metrics(
+                {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
+            )
+            tracker.log_metrics(
+                {
+                    f"{evaluation.benchmark.name}/kept_tokens": record.tokens["mean"],
+                    f"{evaluation.benchmark.name}/prefill_tflops": record.flops["prefill_tflops"],
+                }
+            )
+            log_samples(tracker, evaluation, spec, record, int(cfg.runner.keep_maps))
+        records.append(record)
+    return records
+
+
+def log_samples(tracker, evaluation: Evaluation, spec: RunSpec, record: RunRecord, n: int) -> None:
+    """A samples table with images and keep maps for the first ``n`` samples (dashboard only)."""
+    if tracker.mode == "disabled" or n <= 0:
+        return
+    import matplotlib.pyplot as plt
+
+    key = record.run_key
+    store = SampleStore(evaluation.run_dir(spec, key) / "samples.jsonl")
+    rows_by_id = store.load()
+    grid = round(evaluation.num_patches() ** 0.5)
+    table = []
+    for sample in evaluation.benchmark:
+        row = rows_by_id.get(sample.sample_id)
+        if row is None:
+            continue
+        fig = None
+        if row.get("keep_map"):
+            fig = keepmap.render(
+                keepmap.decode(row["keep_map"]),
+                (grid, grid),
+                sample.image,
+                title=f"{sample.sample_id}: {row['kept_tokens']:.0f} tokens",
+            )
+        table.append(
+            {
+                "sample_id": sample.sample_id,
+                "image": sample.image,
+                "question": sample.question,
+                "answers": sample.answers,
+                "prediction": row["prediction"],
+                "kept_tokens": row["kept_tokens"],
+                "keep_map": fig,
+            }
+        )
+        if len(table) >= n:
+            break
+    tracker.log_samples(table)
+    for item in table:
+        if item["keep_map"] is not None:
+            plt.close(item["keep_map"])
