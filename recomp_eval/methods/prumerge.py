@@ -23,7 +23,8 @@ total, **the summary counts as one of them**: ``T - 1`` centres + summary (``T =
 all patches only). PruMerge takes the top ``T - 1`` patches by ``a``; PruMerge+ takes
 ``min(k_iqr, T - 1)`` top patches (its adaptive count) and fills the other slots spatially: lattice
 ``0, s, 2s, ... < N - 1`` with ``s = max(1, (N - 1) // need)``, non-centre lattice patches first in
-raster order, then (if the top-k covered lattice points) the remaining patches in raster order.
+raster order, then (if the top-k covered lattice points) the remaining patches in raster order;
+the chosen fill is output in raster order.
 ``T = N`` is the identity (all patches, raster order). Fixed outputs have width exactly ``T``.
 """
 
