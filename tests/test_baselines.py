@@ -179,6 +179,11 @@ def test_prumerge_fallback_and_edges() -> None:
     out = build_method("prumerge_plus")(sig)
     assert out.stats["fallback"].all()
     assert torch.all(out.lengths == N // 8 + 1) and torch.all(out.stats["n_fill"] == 0)
+    # the static output width is tight: 144 huge values of 576 are all IQR outliers
+    sig = make_signals(b=1, seed=3)
+    sig.cls_attn[0, torch.randperm(N)[:144]] += 10.0
+    out = build_method("prumerge")(sig)
+    assert int(out.lengths[0]) == out.features.shape[1] == 145
     one = build_method("prumerge", retention=1 / N)(make_signals(b=2))
     assert torch.all(one.lengths == 1) and torch.all(one.role[:, 0] == int(Role.SUMMARY))
     assert one.members.all()  # summary-only output absorbs every patch

@@ -15,8 +15,9 @@ Adaptive budget (``retention=None``, the released behaviour), per sample:
    keys (grid-indexed), ``x_i + sum a_j x_j`` with raw weights (:func:`merge_neighbours`).
 5. One summary token ``sum a_j x_j`` over the non-centre patches, appended last.
 
-Output: ``[centres (attention order, then fill in raster order), summary]``, width ``N + 1`` (a static
-upper bound, so no host sync), right-padded.
+Output: ``[centres (attention order, then fill in raster order), summary]``, right-padded to a
+static width (no host sync): ``N + 1`` for PruMerge+, ``max(N - 1 - floor(0.75 (N - 1)),
+int(N * fallback_ratio)) + 1`` (145 at N = 576) for PruMerge.
 
 Fixed budget (``retention=r``, a harness definition): ``T = budget_from_ratio(r, N)`` tokens in
 total, **the summary counts as one of them**: ``T - 1`` centres + summary (``T = 1``: summary of
@@ -30,6 +31,7 @@ the chosen fill is output in raster order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +51,7 @@ from recomp_eval.methods.outliers import count_from_ratio, iqr_outlier_fraction
 
 NAMES = ("prumerge", "prumerge_plus")
 FILL_DIVISOR = 3  # PruMerge+: lattice stride = int(1 / ratio) // 3
+Q3 = 0.75  # upper quartile of the IQR rule (bounds the adaptive count)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,17 @@ def _adaptive_count(a: torch.Tensor, cfg: PruMergeConfig) -> tuple[torch.Tensor,
     return ratio, k, fallback
 
 
+def _max_adaptive_count(n: int, cfg: PruMergeConfig) -> int:
+    """Static upper bound on the adaptive top-k count, so outputs need no host sync.
+
+    Values above ``Q3 + 1.5 IQR >= Q3 >= v_lo`` (``v`` sorted, ``lo = floor(0.75 (n - 1))``) sit at
+    sorted positions ``> lo``: at most ``n - 1 - lo`` of them (144 of 576); the fallback adds
+    ``int(n * fallback_ratio)``.
+    """
+    iqr_max = n - 1 - math.floor(Q3 * (n - 1))
+    return min(n, max(iqr_max, int(n * cfg.fallback_ratio)))
+
+
 def _fill_mask(
     is_top: torch.Tensor, stride: torch.Tensor, need: torch.Tensor | None
 ) -> torch.Tensor:
@@ -111,7 +125,7 @@ def compress(signals: VisionSignals, cfg: PruMergeConfig) -> Compressed:
             last-layer ``k_proj`` output, patch rows).
         cfg: :class:`PruMergeConfig`.
     Returns:
-        Compressed [B,M,C], M = N + 1 (adaptive) or T (fixed); stats n_tokens, n_attention,
+        Compressed [B,M,C], M = static bound + 1 (adaptive) or T (fixed); stats n_tokens, n_attention,
         n_fill, n_summary, fallback, iqr_ratio (when computed), n_requested (fixed).
     """
     method = "prumerge_plus" if cfg.plus else "prumerge"
@@ -136,7 +150,7 @@ def compress(signals: VisionSignals, cfg: PruMergeConfig) -> Compressed:
         ratio, k_iqr, fallback = _adaptive_count(a, cfg)
         stats["iqr_ratio"], stats["fallback"] = ratio, fallback
     if cfg.retention is None:
-        width, k_att = n, k_iqr  # static upper bound on centres
+        width, k_att = (n if cfg.plus else _max_adaptive_count(n, cfg)), k_iqr  # static bound
         if cfg.plus:
             step = torch.floor(1.0 / ratio).to(torch.int64)  # [B] int(1 / ratio)
             stride = torch.where(fallback, zeros, step // FILL_DIVISOR)  # [B]
