@@ -188,18 +188,21 @@ def _available(name: str) -> bool:
     return True
 
 
-def _build_any(name: str) -> BuiltMethod:
+def _build_any(name: str, **kwargs) -> BuiltMethod:
     try:
-        return build_method(name)
+        return build_method(name, **kwargs)
     except (TypeError, ValueError):
-        return build_method(name, retention=0.25)
+        return build_method(name, retention=0.25, **kwargs)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_end_to_end(bundle, images, name):
+CASES = [(name, {}) for name in sorted(METHODS)] + [("recomp", {"variant": "official"})]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=lambda c: str(c))
+def test_every_method_end_to_end(bundle, images, name, kwargs):
     if not _available(name):
         pytest.skip(f"recomp_eval.methods.{METHODS[name]} is not in the tree yet")
-    method = _build_any(name)
+    method = _build_any(name, **kwargs)
     res = generate(
         bundle, method, images[:2], QUESTIONS[:2], QUESTIONS[:2], "lmms_eval", ["a", "b"], 3
     )
