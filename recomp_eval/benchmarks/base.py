@@ -76,7 +76,8 @@ class HubBenchmark:
     ones, an int takes a seeded random subset in dataset order), ``filters`` (column -> allowed
     values, e.g. POPE ``category``), ``max_image_pixels`` (larger images are skipped),
     ``check_images`` (decode while iterating to screen bad records). ``prompt_template``,
-    ``metrics`` and ``version`` are declarative and read by the runner and the prompt code.
+    ``metrics``, ``answer_pipeline`` (per protocol), ``submission`` (EvalAI writer for test
+    splits) and ``version`` are declarative and read by the runner and the prompt code.
     """
 
     name: str = ""
@@ -98,6 +99,8 @@ class HubBenchmark:
         check_images: bool = True,
         prompt_template: str = "{question}{suffix}",
         metrics: Mapping[str, Sequence[str]] | None = None,
+        answer_pipeline: Mapping[str, Sequence[str]] | None = None,
+        submission: str | None = None,
         version: int = 0,
         name: str | None = None,
     ) -> None:
@@ -112,6 +115,8 @@ class HubBenchmark:
         self.max_image_pixels, self.check_images = max_image_pixels, check_images
         self.prompt_template = prompt_template
         self.metrics = {k: list(v) for k, v in (metrics or {}).items()}
+        self.answer_pipeline = {k: list(v) for k, v in (answer_pipeline or {}).items()}
+        self.submission = submission
         self.version = version
         self.bad: list[BadSample] = []
         self.converted: dict[str, str] = {}
