@@ -355,3 +355,27 @@ def test_official_parity_sweep(backend: str) -> None:
         assert_matches_oracle(run(x, lof_backend=backend), x)
         y = {k: v.half().float() for k, v in x.items()}
         assert_matches_oracle(run(y, lof_backend="sklearn"), y)
+
+
+def test_static_shapes_equal_tight() -> None:
+    x = make_inputs(seed=8, batch=2)
+    tight = run(x, variant="paper")
+    static = run(x, variant="paper", shapes="static")
+    assert static.features.shape[1] == N + 1
+    w = tight.features.shape[1]
+    assert torch.equal(static.lengths, tight.lengths)
+    assert torch.equal(static.source[:, :w], tight.source)
+    torch.testing.assert_close(static.features[:, :w], tight.features, atol=1e-5, rtol=0)
+
+
+def test_method_config_file_builds_both_variants() -> None:
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "method" / "recomp.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    name = cfg.pop("name")
+    assert build_method(name, **cfg).config == build_method("recomp").config
+    cfg["variant"] = "official"
+    assert build_method(name, **cfg).config == build_method("recomp", variant="official").config

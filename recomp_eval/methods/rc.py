@@ -127,7 +127,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(variant: str = "paper", retention: float | None = None, **switches) -> RCConfig:
-    """Preset ``variant`` with keyword overrides; ``retention`` (not None) implies a fixed budget."""
+    """Preset ``variant`` with keyword overrides; ``retention`` (not None) implies a fixed budget.
+
+    An override whose value is None keeps the preset's value (config files list every option as
+    null so that a variant change is not silently overridden).
+    """
+    switches = {k: v for k, v in switches.items() if v is not None}
     if variant not in PRESETS:
         raise ValueError(f"unknown RC variant {variant!r}; choose from {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(RCConfig)}
