@@ -82,6 +82,41 @@ def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.no_grad()
+def vision_side(
+    model: torch.nn.Module,
+    method: Any,
+    probe: Any,
+    pixel_values: torch.Tensor,
+    timer: StageTimer,
+    clip_text: Any = None,
+    questions: Sequence[str] = (),
+    prompt_ids: Sequence[Sequence[int]] = (),
+    tokenizer: Any = None,
+    seeds: torch.Tensor | None = None,
+) -> tuple[Compressed, list[torch.Tensor]]:
+    """Tower -> signals (+ text signal) -> method -> projector, timed per stage.
+
+    Must run inside ``compress(model, method)`` (``probe``). Returns the :class:`Compressed`
+    output and the per-sample projected features [T_i, E].
+    """
+    spec = method.spec
+    with timer.stage("vision"):
+        tower_out = run_tower(model, pixel_values, spec, probe, seeds)
+    if spec.text is not None:
+        if clip_text is None:
+            raise ValueError(f"method '{method.name}' needs the CLIP text tower (clip_text)")
+        with timer.stage("text"):
+            image_token_id = int(model.config.image_token_id)
+            texts = select_texts(spec.text, questions, prompt_ids, tokenizer, image_token_id)
+            text_embeds = encode_texts(clip_text, texts, spec.text)  # [B,D]
+            add_text_signal(tower_out, text_embeds, clip_text.visual_projection)
+    with timer.stage("compression"):
+        compressed = method(tower_out.signals)
+        features = project(model, compressed)  # B x [T_i, E]
+    return compressed, features
+
+
+@torch.no_grad()
 def generate(
     bundle: ModelBundle,
     method: Any,
@@ -123,18 +158,18 @@ def generate(
     if stop:
         kwargs.update(stop_strings=list(stop), tokenizer=bundle.tokenizer)
     with compress(model, method, bundle.image_token_id) as probe:
-        with timer.stage("vision"):
-            tower_out = run_tower(model, batch.pixel_values, spec, probe, seeds)
-        if clip_text is not None:
-            with timer.stage("text"):
-                texts = select_texts(
-                    spec.text, questions, batch.prompt_ids, bundle.tokenizer, bundle.image_token_id
-                )
-                text_embeds = encode_texts(clip_text, texts, spec.text)  # [B,D]
-                add_text_signal(tower_out, text_embeds, clip_text.visual_projection)
-        with timer.stage("compression"):
-            compressed = method(tower_out.signals)
-            features = project(model, compressed)  # B x [T_i, E]
+        compressed, features = vision_side(
+            model,
+            method,
+            probe,
+            batch.pixel_values,
+            timer,
+            clip_text=clip_text,
+            questions=questions,
+            prompt_ids=batch.prompt_ids,
+            tokenizer=bundle.tokenizer,
+            seeds=seeds,
+        )
         lengths = compressed.lengths.tolist()
         input_ids, attention_mask = expand_image_tokens(
             batch.prompt_ids,
