@@ -57,7 +57,12 @@ def write_split(dataset_id: str, config: str | None, split: str, sha: str, out: 
     for k in range(n_shards):
         shard = ds.shard(num_shards=n_shards, index=k, contiguous=True)
         shard.to_parquet(str(folder / f"{split}-{k:05d}-of-{n_shards:05d}.parquet"))
-    return {"config": config, "split": split, "num_rows": ds.num_rows, "fingerprint": ds._fingerprint}
+    return {
+        "config": config,
+        "split": split,
+        "num_rows": ds.num_rows,
+        "fingerprint": ds._fingerprint,
+    }
 
 
 def prefetch(name: str, root: Path, revision: str | None, use_alt: bool) -> Path:

@@ -281,3 +281,16 @@ def test_end_to_end_gold_predictions_score_perfectly(name, protocol, data_root: 
     key = next(k for k in out if k.split("/")[-1].startswith(headline))
     best = {"mme": 200.0 * 2}.get(name, 1.0)  # MME fixture: existence + OCR perception images
     assert out[key] == pytest.approx(best)
+
+
+def test_prefetch_reads_benchmark_configs() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prefetch", REPO / "scripts" / "prefetch.py")
+    prefetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prefetch)
+    gqa = prefetch.read_benchmark_config("gqa")
+    assert gqa["image_config_name"] == "testdev_balanced_images" and gqa["data_dir"] is None
+    assert prefetch.read_benchmark_config("vqav2_val")["split"] == "validation"
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        prefetch.read_benchmark_config("vqa")
