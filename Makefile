@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install lint format test test-all test-gpu bench clean
+.PHONY: help install lint format test test-all test-gpu bench tables sweep fixtures clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,21 @@ test-gpu: $(VENV)/.installed ## run the GPU smoke tests (needs CUDA)
 
 bench: $(VENV)/.installed ## compression benchmark (JSON + markdown under results/bench)
 	$(PY) scripts/bench_compression.py $(ARGS)
+
+eval-%: $(VENV)/.installed ## evaluate one benchmark, e.g. make eval-gqa ARGS="method=recomp retention=0.1"
+	$(VENV)/bin/recomp-eval benchmark=$* $(ARGS)
+
+SWEEP_METHODS ?= recomp,fastervlm,visionzip,pool,random
+SWEEP_RATIOS ?= 0.05,0.1,0.2,0.5
+sweep: $(VENV)/.installed ## multirun: methods x retention ratios (SWEEP_METHODS, SWEEP_RATIOS, ARGS)
+	$(VENV)/bin/recomp-eval -m method=$(SWEEP_METHODS) retention=$(SWEEP_RATIOS) $(ARGS)
+
+tables: $(VENV)/.installed ## aggregate every results.json under results/ into tables and plots
+	$(VENV)/bin/recomp-eval-tables --root results --out results/tables
+
+FIXTURES ?= results/fixtures
+fixtures: $(VENV)/.installed ## write tiny hub-schema fixtures of the five benchmarks to $(FIXTURES)
+	$(PY) scripts/make_fixtures.py --out $(FIXTURES)
 
 clean: ## remove caches (keeps .venv and results)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -100,6 +100,18 @@ def expand_runs(cfg: DictConfig) -> list[RunSpec]:
     return specs
 
 
+def build_benchmark(bench_cfg: dict[str, Any], limit: int | None = None):
+    """Instantiate the benchmark config (``_target_`` names the class); ``limit`` overrides."""
+    from hydra.utils import instantiate
+
+    cfg = dict(bench_cfg)
+    if limit is not None:
+        cfg["limit"] = int(limit)
+    if "_target_" not in cfg:
+        raise ValueError(f"benchmark config {cfg.get('name')!r} has no _target_ class")
+    return instantiate(cfg, _convert_="all")
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {"median": float("nan"), "p90": float("nan"), "mean": float("nan")}
@@ -119,7 +131,6 @@ class Evaluation:
     """State shared by the runs of one process: config, model bundle, benchmark, protocol."""
 
     def __init__(self, cfg: DictConfig, bundle: Any = None) -> None:
-        from recomp_eval.benchmarks import build_benchmark
         from recomp_eval.benchmarks.prompts import generation_settings
 
         self.cfg = cfg
@@ -132,7 +143,9 @@ class Evaluation:
         assert isinstance(bench_cfg, dict)
         self.bench_cfg = bench_cfg
         self.benchmark = build_benchmark(bench_cfg, limit=cfg.get("limit"))
-        self.settings = generation_settings(self.benchmark.name, self.protocol)
+        self.settings = dict(generation_settings(self.benchmark.name, self.protocol))
+        if cfg.runner.get("max_new_tokens"):  # smoke tests only; part of the run key
+            self.settings["max_new_tokens"] = int(cfg.runner.max_new_tokens)
         self.records_dir = Path(cfg.paths.records_dir)
 
     # --- identity of a run ----------------------------------------------------------------------
