@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fixtures import write_fixture  # noqa: E402
+from fixtures import write_fixture
 
 BENCHMARKS = ("gqa", "vqav2", "textvqa", "pope", "mme")
 

@@ -32,8 +32,11 @@ def test_wandb_offline_writes_run_files(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("WANDB_SILENT", "true")
     image = Image.fromarray(np.full((32, 32, 3), 120, dtype=np.uint8))
     fig = keepmap.render(np.arange(9, dtype=np.uint8) % 7, (3, 3), image=image, title="x")
-    with pytest.raises(RuntimeError, match="job failed"), make_tracker(
-        {"name": "wandb", "project": "t"}, name="fail", config={}, output_dir=tmp_path / "a"
+    with (
+        pytest.raises(RuntimeError, match="job failed"),
+        make_tracker(
+            {"name": "wandb", "project": "t"}, name="fail", config={}, output_dir=tmp_path / "a"
+        ),
     ):
         raise RuntimeError("job failed")
     tracker = make_tracker(
