@@ -294,7 +294,11 @@ class Evaluation:
         primary = self.primary_metric_key(metrics, bench, self.protocol)
         kept = [float(r["kept_tokens"]) for r in rows]
         timed = [r for r in rows if not r.get("warmup")] or rows
-        latency = {s: _stats([r["timings_ms"].get(s, 0.0) for r in timed]) for s in STAGES}
+        # stage times are per batch; a sample's share is the batch time over the batch size
+        # (exact per-sample latency needs runner.batch_size=1, as experiment=latency sets)
+        share = lambda r, stage: r["timings_ms"].get(stage, 0.0) / max(1, r["batch_size"])  # noqa: E731
+        latency = {s: _stats([share(r, s) for r in timed]) for s in STAGES}
+        latency["batch_size"] = {"max": float(max((r["batch_size"] for r in rows), default=0))}
         latency["decode_per_token"] = _stats(
             [r["timings_ms"].get("decode", 0.0) / max(1, r["new_tokens"] - 1) for r in timed]
         )

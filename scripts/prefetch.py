@@ -3,7 +3,7 @@
 Usage (on a machine that reaches the Hugging Face hub)::
 
     python scripts/prefetch.py gqa textvqa --out /data/recomp   # one folder per benchmark config
-    python scripts/prefetch.py vqav2_val --revision <sha> --alt   # pin a commit / use the mirror
+    python scripts/prefetch.py vqav2 --revision <sha> --alt   # pin a commit / use the mirror
 
 Then on the offline machine: ``recomp-eval benchmark=gqa benchmark.data_dir=/data/recomp/gqa``.
 Only the evaluated split is downloaded. The commit the revision resolved to is written to

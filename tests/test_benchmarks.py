@@ -230,7 +230,7 @@ def test_protocol_yaml_matches_code(protocol: str) -> None:
         assert tuple(got["stop"]) == settings.stop
 
 
-@pytest.mark.parametrize("config", ["gqa", "vqav2_val", "textvqa", "pope", "mme"])
+@pytest.mark.parametrize("config", ["gqa", "vqav2", "textvqa", "pope", "mme"])
 def test_benchmark_yaml_matches_code(config: str) -> None:
     cfg = yaml.safe_load((CONFIG_DIR / "benchmark" / f"{config}.yaml").read_text())
     name = cfg["name"]
@@ -291,6 +291,6 @@ def test_prefetch_reads_benchmark_configs() -> None:
     spec.loader.exec_module(prefetch)
     gqa = prefetch.read_benchmark_config("gqa")
     assert gqa["image_config_name"] == "testdev_balanced_images" and gqa["data_dir"] is None
-    assert prefetch.read_benchmark_config("vqav2_val")["split"] == "validation"
+    assert prefetch.read_benchmark_config("vqav2")["split"] == "validation"
     with pytest.raises(SystemExit, match="unknown benchmark"):
         prefetch.read_benchmark_config("vqa")

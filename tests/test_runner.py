@@ -1,0 +1,230 @@
+"""The runner end to end on the tiny model and hub-schema fixtures: methods, benchmarks,
+protocols, batch-size invariance, resume after a crash, multirun sweeps, wandb logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from recomp_eval.aggregate import write_tables
+from recomp_eval.config_path import CONFIG_DIR
+from recomp_eval.evaluate import evaluate, load_model
+from recomp_eval.runner import SampleStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures import write_fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("gqa", "vqav2", "textvqa", "pope", "mme")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fixtures")
+    for name in BENCHMARKS:
+        write_fixture(name, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_model({"id": "tiny", "dtype": "float32", "device": "cpu"})
+
+
+def config(data_root: Path, out: Path, bench: str = "pope", *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(
+            config_name="eval",
+            overrides=[
+                f"benchmark={bench}",
+                f"benchmark.data_dir={data_root / bench}",
+                f"paths.root={out}",
+                "runner.max_new_tokens=3",
+                "runner.batch_size=2",
+                *overrides,
+            ],
+        )
+
+
+def samples_of(record) -> dict[str, dict]:
+    run_dir = Path(record.config["paths"]["records_dir"])
+    paths = list(run_dir.rglob(f"*{record.run_key}/samples.jsonl"))
+    assert len(paths) == 1
+    return SampleStore(paths[0]).load()
+
+
+def test_every_method_runs_end_to_end(data_root: Path, tmp_path: Path, bundle) -> None:
+    runs = (
+        "runs=[{method: none}, {method: recomp, options: {variant: official}},"
+        " {method: recomp, retention: 0.25}, {method: prumerge}, {method: prumerge_plus},"
+        " {method: visionzip, retention: 0.5}, {method: fastervlm, retention: 0.25},"
+        " {method: fastv, retention: 0.5}, {method: random, retention: 0.25},"
+        " {method: pool, retention: 0.25}]"
+    )
+    records = evaluate(config(data_root, tmp_path, "pope", runs), bundle)
+    assert [r.method["name"] for r in records] == [
+        "none", "recomp", "recomp", "prumerge", "prumerge_plus", "visionzip", "fastervlm",
+        "fastv", "random", "pool",
+    ]  # fmt: skip
+    n_patches = 64  # tiny vision tower: 8 x 8 patches
+    for rec in records:
+        assert rec.samples["evaluated"] > 0 and rec.primary_metric in rec.metrics
+        assert 0 < rec.tokens["mean"] <= n_patches + 1, rec.method
+        assert rec.flops["prefill_tflops"] > 0 and rec.latency_ms["prefill"]["median"] >= 0
+        assert rec.reportable is False  # CPU timings are never reportable
+    by_label = {(r.method["name"], r.method["retention"]): r for r in records}
+    assert by_label[("none", None)].tokens["mean"] == n_patches
+    assert by_label[("fastervlm", 0.25)].tokens["max"] == 16
+    # compressed runs carry loyalty against the vanilla run of the same setting
+    assert "pope/loyalty/agreement" in by_label[("fastervlm", 0.25)].metrics
+    rows = samples_of(by_label[("recomp", 0.25)])
+    assert all(len(r["keep_map"]) == n_patches for r in rows.values())
+
+
+@pytest.mark.parametrize("bench", BENCHMARKS)
+@pytest.mark.parametrize("protocol", ["llava15", "lmms_eval"])
+def test_every_benchmark_and_protocol(
+    bench: str, protocol: str, data_root: Path, tmp_path: Path, bundle
+) -> None:
+    cfg = config(data_root, tmp_path, bench, f"protocol={protocol}", "method=fastervlm")
+    (rec,) = evaluate(cfg, bundle)
+    assert rec.benchmark["name"] == bench and rec.protocol == protocol
+    assert rec.metrics[f"{bench}/n_scored"] == rec.samples["evaluated"] > 0
+    assert rec.benchmark["source"]["data_dir"] == str(data_root / bench)
+    results = json.loads(next(tmp_path.rglob("results.json")).read_text())
+    assert results["config"]["protocol"]["name"] == protocol
+    assert results["env"]["packages"]["torch"]
+
+
+def test_batch_size_does_not_change_answers(data_root: Path, tmp_path: Path, bundle) -> None:
+    one = evaluate(
+        config(
+            data_root,
+            tmp_path / "b1",
+            "gqa",
+            "runner.batch_size=1",
+            "method=recomp",
+            "runner.max_new_tokens=6",
+        ),
+        bundle,
+    )[0]
+    four = evaluate(
+        config(
+            data_root,
+            tmp_path / "b4",
+            "gqa",
+            "runner.batch_size=4",
+            "method=recomp",
+            "runner.max_new_tokens=6",
+        ),
+        bundle,
+    )[0]
+    assert one.run_key == four.run_key  # batch size is not part of the identity
+    a, b = samples_of(one), samples_of(four)
+    assert a.keys() == b.keys()
+    for sid in a:
+        assert a[sid]["prediction"] == b[sid]["prediction"], sid
+        assert a[sid]["kept_tokens"] == b[sid]["kept_tokens"]
+    assert {r["batch_size"] for r in b.values()} != {1}
+
+
+def test_resume_after_simulated_crash(data_root: Path, tmp_path: Path, bundle) -> None:
+    ref = evaluate(config(data_root, tmp_path / "ref", "mme", "runner.batch_size=1"), bundle)[0]
+    out = tmp_path / "crash"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(
+            config(data_root, out, "mme", "runner.batch_size=1", "runner.stop_after_batches=2"),
+            bundle,
+        )
+    store_path = next(out.rglob("samples.jsonl"))
+    assert len(SampleStore(store_path).load()) == 2
+    with open(store_path, "a") as handle:  # a torn line, as if killed mid-write
+        handle.write('{"sample_id": "torn", "predic')
+    resumed = evaluate(config(data_root, out, "mme", "runner.batch_size=1"), bundle)[0]
+    lines = store_path.read_text().splitlines()
+    ids = [json.loads(line)["sample_id"] for line in lines]
+    assert len(ids) == len(set(ids)) == ref.samples["evaluated"]
+    assert resumed.metrics == ref.metrics
+    assert resumed.run_key == ref.run_key
+
+
+def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "recomp_eval", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_killed_process_resumes_without_duplicates(data_root: Path, tmp_path: Path) -> None:
+    args = [
+        "benchmark=vqav2", f"benchmark.data_dir={data_root / 'vqav2'}", f"paths.root={tmp_path}",
+        "runner.batch_size=1", "runner.max_new_tokens=64", "method=pool",
+    ]  # fmt: skip
+    proc = _cli(args)
+    store = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = list(tmp_path.rglob("samples.jsonl"))
+        if found and found[0].read_text().count("\n") >= 1:
+            store = found[0]
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    if store is None:
+        pytest.skip("the run finished before it could be killed")
+    assert not list(tmp_path.rglob("results.json"))
+    done_before = store.read_text().count("\n")
+    finished = _cli(args)
+    output = finished.communicate(timeout=300)[0]
+    assert finished.returncode == 0, output
+    ids = [json.loads(line)["sample_id"] for line in store.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) > done_before
+    record = json.loads(next(tmp_path.rglob("results.json")).read_text())
+    assert record["samples"]["evaluated"] == len(ids)
+
+
+def test_multirun_sweep_writes_three_folders_and_one_table(data_root: Path, tmp_path: Path) -> None:
+    proc = _cli([
+        "-m", "benchmark=pope", f"benchmark.data_dir={data_root / 'pope'}",
+        f"paths.root={tmp_path}", "runner.max_new_tokens=2", "method=fastervlm",
+        "retention=0.1,0.25,0.5",
+    ])  # fmt: skip
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    results = list((tmp_path / "raw").rglob("results.json"))
+    assert len(results) == 3
+    tables = write_tables(tmp_path / "raw", tmp_path / "tables")
+    acc = tables["accuracy"]
+    assert sorted(acc["retention"]) == ["0.1", "0.25", "0.5"]
+    assert (tmp_path / "tables" / "plots" / "pope.png").exists()
+
+
+def test_wandb_logger_offline(data_root: Path, tmp_path: Path, bundle, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = config(data_root, tmp_path, "pope", "logger=wandb", "method=recomp", "runner.keep_maps=2")
+    evaluate(cfg, bundle)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    proc = _cli(["benchmark=gqa", f"paths.root={tmp_path}", "retention=2"])
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2
+    error_lines = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and "retention=2" in error_lines[0], out
+    proc = _cli(["benchmark=gqa", f"paths.root={tmp_path}"])  # no data offline
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2
+    assert "prefetch" in out and "Traceback" not in out, out
