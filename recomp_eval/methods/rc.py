@@ -175,6 +175,20 @@ def _outlier_fraction(
     return mask.sum(-1).double() / torch.as_tensor(n_valid, dtype=torch.float64)
 
 
+def _check_finite(signals: VisionSignals, key_norm: torch.Tensor, names: tuple[str, ...]) -> None:
+    """Raise ValueError naming any signal with NaN or inf (one host read).
+
+    Cheap probes first: a float32 sum of the features and of each [B,N] score, and the key norms
+    the merge needs anyway, are non-finite whenever an entry is (NaN and inf propagate) and cost
+    a fraction of ``isfinite(x).all()`` on a CPU; only a non-finite probe (or an overflowing sum)
+    runs the exact per-signal check, which names the culprit.
+    """
+    probes = [getattr(signals, n).sum(dtype=torch.float32) for n in names if n != "keys"]
+    probes.append(key_norm.float().sum())
+    if not bool(torch.isfinite(torch.stack(probes)).all()):
+        signals.check_finite(*names)
+
+
 def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
     """Recoverable Compression of one batch.
 
@@ -189,7 +203,10 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
     use_text = cfg.text_source != "none"
     needed = ("cls_attn", "keys", "text_sim") if use_text else ("cls_attn", "keys")
     signals.require(*needed, method="recomp")
-    signals.check_finite("features", *needed)
+    sdtype = signals.cls_attn.dtype if cfg.score_dtype == "model" else torch.float32
+    keys = signals.keys.to(sdtype)  # [B,N,Ck]
+    key_norm = keys.norm(dim=-1)  # [B,N]
+    _check_finite(signals, key_norm, ("features", *needed))
     feats = signals.features
     b, n, width = feats.shape
     device = feats.device
@@ -197,14 +214,13 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
     if budget == n and cfg.budget == "fixed":
         index = torch.arange(n, device=device).expand(b, n)  # [B,N] identity, spatial order
         return selection_output(feats, index, Role.KEPT)
-    sdtype = signals.cls_attn.dtype if cfg.score_dtype == "model" else torch.float32
     attn = signals.cls_attn.to(sdtype)  # [B,N]
     ar = torch.arange(n, device=device)  # [N]
     k_vis, k_txt, k_ctr = cfg.lof_k
 
     # step 1: visual filter
     n_vis = count_from_ratio(n, _outlier_fraction(attn, k_vis, None, cfg))  # [B]
-    _, rank_a = descending_rank(attn)  # [B,N]
+    order_a, rank_a = descending_rank(attn)  # [B,N]
     is_v = rank_a < n_vis[:, None]  # [B,N]
 
     # step 2: text recovery (Q6); I_t never overlaps I_v
@@ -230,7 +246,8 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
     is_keep = is_v | is_t  # [B,N]
     n_keep = n_vis + n_txt  # [B]
     n_rest = n - n_keep  # [B]
-    rest_idx = torch.where(is_keep, n + ar, ar).argsort(dim=-1)  # [B,N] rest set first, ascending
+    perm = torch.where(is_keep, n + ar, ar).argsort(dim=-1)  # [B,N] rest ascending, then kept
+    rest_idx = perm  # [B,N] the first n_rest entries are the rest set
 
     # step 3: centre count
     if cfg.budget == "fixed":
@@ -258,7 +275,6 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
     is_v = is_v | (fallback[:, None] & (rank_a == 0))
     n_vis = n_vis + fallback.long()
     n_keep = n_keep + fallback.long()
-    is_keep = is_v | is_t
     lengths = n_keep + n_ctr + n_sum  # [B]
 
     if cfg.budget == "fixed":
@@ -271,7 +287,8 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
 
     merge = merge_centres(
         feats,
-        signals.keys,
+        keys,
+        key_norm,
         attn,
         text_bonus,
         rest_idx,
@@ -282,7 +299,8 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
         grid_keys=cfg.key_index == "grid",
         normalized=cfg.merge_weights == "normalized",
     )
-    keep_idx = torch.where(is_keep, ar, n + ar).argsort(dim=-1)  # [B,N] kept first, ascending
+    keep_idx = perm.gather(1, (n_rest[:, None] + ar).clamp(max=n - 1))  # [B,N] kept first
+    keep_idx[:, 0] = torch.where(fallback, order_a[:, 0], keep_idx[:, 0])
     stats = {
         "n_visual": n_vis,
         "n_text": n_txt,

@@ -20,6 +20,13 @@ LOF_THRESHOLD = 1.5  # contamination="auto": outlier iff LOF > 1.5 (method.md se
 LRD_EPS = 1e-10  # scikit-learn's guard in the local reachability density
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``x[b, index[b, k]]``: [B,N,C] at [B,K] -> [B,K,C] (flat index_select, copies rows)."""
+    b, n, c = x.shape
+    flat = index + n * torch.arange(b, device=x.device)[:, None]  # [B,K]
+    return x.reshape(b * n, c).index_select(0, flat.reshape(-1)).view(b, -1, c)  # [B,K,C]
+
+
 def descending_rank(x: torch.Tensor, valid: torch.Tensor | None = None):
     """Stable descending order and rank of every entry.
 
@@ -41,12 +48,14 @@ def lof_outlier_mask_window(
 ) -> torch.Tensor:
     """[B,N] bool LOF outliers of 1-D rows (scikit-learn ``contamination="auto"`` semantics).
 
-    In 1-D the k nearest other points of a value are a contiguous run of the sorted row, so they
-    lie within ``k`` sorted positions on either side: sort once, look at a ``2k`` window. Cost
-    O(N log N + N k) per row instead of O(N^2). Same rule as
-    ``recomp_eval.methods.outliers.lof_scores`` (k' = max(1, min(k, n - 1)); rows with fewer than
-    two valid entries have no outliers); among equidistant neighbours the nearer sorted position
-    wins, so exact-duplicate ties may resolve differently from the dense kernel and scikit-learn.
+    In 1-D the k nearest other points of a value are a contiguous run of the sorted row: the
+    ``l`` nearest on its left and the ``k - l`` nearest on its right, where ``l`` counts the
+    ``j`` with ``L_j <= R_(k-1-j)`` (``L``/``R``: ascending distances to the left/right
+    neighbours). No pairwise matrix and no per-point sort: O(N log N + N k) per row instead of
+    O(N^2). Same rule as ``recomp_eval.methods.outliers.lof_scores`` (k' = max(1, min(k, n - 1));
+    rows with fewer than two valid entries have no outliers); among equidistant neighbours the
+    left one wins, so exact-duplicate ties may resolve differently from the dense kernel and
+    scikit-learn (both agree whenever no distances tie).
 
     Args:
         values: [B,N] scores (computed in float64). n_neighbors: LOF k.
@@ -54,39 +63,50 @@ def lof_outlier_mask_window(
     """
     b, n = values.shape
     device = values.device
-    if valid is None:
-        valid = torch.ones(b, n, dtype=torch.bool, device=device)
     if n < 2:
         return torch.zeros(b, n, dtype=torch.bool, device=device)
-    n_valid = valid.sum(-1)  # [B]
-    k_max = min(n_neighbors, n - 1)
-    k_row = (n_valid - 1).clamp(min=1, max=k_max)  # [B]
-    xs, order = values.double().masked_fill(~valid, float("inf")).sort(dim=-1, stable=True)  # [B,N]
+    inf = float("inf")
+    k = min(n_neighbors, n - 1)
+    x = values.double() if valid is None else values.double().masked_fill(~valid, inf)
+    xs, order = x.sort(dim=-1, stable=True)  # [B,N] invalid entries last
+    pad = xs.new_full((b, k), inf)  # [B,k]
+    window = torch.cat([-pad, xs, pad], dim=1).unfold(1, 2 * k + 1, 1)  # [B,N,2k+1] view
+    left = xs[..., None] - window[..., :k].flip(-1)  # [B,N,k] ascending distances to the left
+    right = window[..., k + 1 :] - xs[..., None]  # [B,N,k] ascending distances to the right
 
-    steps = torch.arange(1, k_max + 1, device=device)  # [k]
-    offsets = torch.stack([-steps, steps], dim=-1).reshape(-1)  # [2k] -1,+1,-2,+2,...
-    pos = torch.arange(n, device=device)[:, None] + offsets[None, :]  # [N,2k]
-    row_ok = torch.arange(n, device=device)[None, :] < n_valid[:, None]  # [B,N]
-    inside = (pos[None] >= 0) & (pos[None] < n_valid[:, None, None]) & row_ok[..., None]  # [B,N,2k]
-    pos = pos.clamp(0, n - 1).expand(b, n, 2 * k_max)  # [B,N,2k]
-    cand = xs.gather(1, pos.reshape(b, -1)).view(b, n, 2 * k_max)  # [B,N,2k]
-    dist = torch.where(inside, (cand - xs[..., None]).abs(), torch.full_like(cand, float("inf")))
-    dist, slot = dist.sort(dim=-1, stable=True)  # [B,N,2k]
-    knn_dist = dist[..., :k_max]  # [B,N,k]
-    knn = pos.gather(-1, slot[..., :k_max])  # [B,N,k] sorted positions of the neighbours
-    slot_ok = (torch.arange(k_max, device=device)[None, :] < k_row[:, None])[:, None, :]  # [B,1,k]
+    i = torch.arange(n, device=device)[:, None]  # [N,1]
+    q = torch.arange(k, device=device)  # [k]
+    if valid is None:
+        k_row = k  # every row has n > k points
+        take_left = left <= right.flip(-1)  # [B,N,k] L_q <= R_(k-1-q): true, then false
+    else:
+        n_valid = valid.sum(-1)  # [B]
+        k_row = (n_valid - 1).clamp(min=1, max=k)[:, None, None]  # [B,1,1]
+        mirror = (k_row - 1 - q).clamp(min=0).expand(b, n, k)  # [B,N,k]
+        take_left = (left <= right.gather(-1, mirror)) & (q < k_row)  # [B,N,k]
+    n_left = take_left.sum(-1, keepdim=True)  # [B,N,1]
+    is_left = q < n_left  # [B,N,k] slot q: left neighbour q, or right neighbour q - n_left
+    r_slot = (q - n_left).clamp(0, k - 1)  # [B,N,k]
+    knn_dist = torch.where(is_left, left, right.gather(-1, r_slot))  # [B,N,k]
+    knn = torch.where(is_left, i - 1 - q, i + 1 + r_slot).clamp(0, n - 1)  # [B,N,k] sorted pos
+    knn = knn.reshape(b, -1)  # [B,N*k]
+    slot_ok = None if valid is None else (q < k_row)  # [B,1,k]
+    if slot_ok is not None:
+        knn_dist = knn_dist.masked_fill(~slot_ok, 0.0)
 
-    kth = (k_row - 1).view(b, 1, 1).expand(b, n, 1)  # [B,N,1]
-    k_dist = knn_dist.gather(-1, kth).squeeze(-1)  # [B,N]
-    k_dist = torch.where(row_ok, k_dist, torch.zeros_like(k_dist))
-    neigh_k_dist = k_dist.gather(1, knn.reshape(b, -1)).view(b, n, k_max)  # [B,N,k]
-    reach = torch.maximum(knn_dist, neigh_k_dist).masked_fill(~slot_ok, 0.0)  # [B,N,k]
-    kf = k_row.double()[:, None]  # [B,1]
+    k_dist = knn_dist.amax(-1)  # [B,N] distance to the k'-th neighbour
+    reach = torch.maximum(knn_dist, k_dist.gather(1, knn).view(b, n, k))  # [B,N,k]
+    if slot_ok is not None:
+        reach = reach.masked_fill(~slot_ok, 0.0)
+    kf = float(k) if valid is None else k_row.double()[..., 0]  # [B,1]
     lrd = 1.0 / (reach.sum(-1) / kf + LRD_EPS)  # [B,N]
-    lrd = torch.where(row_ok, lrd, torch.ones_like(lrd))
-    neigh_lrd = lrd.gather(1, knn.reshape(b, -1)).view(b, n, k_max)  # [B,N,k]
-    lof = (neigh_lrd / lrd[..., None]).masked_fill(~slot_ok, 0.0).sum(-1) / kf  # [B,N]
-    out_sorted = (lof > LOF_THRESHOLD) & row_ok & (n_valid >= 2)[:, None]  # [B,N]
+    ratios = lrd.gather(1, knn).view(b, n, k) / lrd[..., None]  # [B,N,k]
+    if slot_ok is not None:
+        ratios = ratios.masked_fill(~slot_ok, 0.0)
+    out_sorted = ratios.sum(-1) / kf > LOF_THRESHOLD  # [B,N]
+    if valid is not None:
+        row_ok = torch.arange(n, device=device)[None, :] < n_valid[:, None]  # [B,N]
+        out_sorted = out_sorted & row_ok & (n_valid >= 2)[:, None]
     return torch.zeros_like(out_sorted).scatter_(1, order, out_sorted)  # [B,N] original order
 
 
@@ -106,6 +126,7 @@ def above_median(values: torch.Tensor, valid: torch.Tensor | None = None) -> tor
 def merge_centres(
     features: torch.Tensor,
     keys: torch.Tensor,
+    key_norm: torch.Tensor,
     attn: torch.Tensor,
     text: torch.Tensor,
     rest_idx: torch.Tensor,
@@ -123,7 +144,8 @@ def merge_centres(
     ascending) and the centre's own column at -inf.
 
     Args:
-        features: [B,N,C] patch features. keys: [B,N,Ck] patch keys.
+        features: [B,N,C] patch features. keys: [B,N,Ck] patch keys (score dtype).
+        key_norm: [B,N] L2 norms of the keys.
         attn: [B,N] CLS attention (score dtype). text: [B,N] text bonus ``w * s`` (score dtype).
         rest_idx: [B,N] grid index of each rest position; the first ``n_rest`` are valid, ascending.
         n_rest: [B] rest-set sizes R. n_centres: [B] centres M (already clamped to <= R).
@@ -148,9 +170,13 @@ def merge_centres(
     cols = col_key.argsort(dim=-1)  # [B,N] rest positions in the loop's candidate order
     grid_cols = rest_idx.gather(1, cols)  # [B,N] grid patch of each column
     key_rows = grid_cols if grid_keys else cols  # [B,N] Q9: rest position used as a grid row
-    k_sel = keys.to(attn.dtype).gather(1, key_rows[..., None].expand(-1, -1, keys.shape[-1]))
-    k_sel = k_sel / k_sel.norm(dim=-1, keepdim=True)  # [B,N,Ck]
-    scores = k_sel[:, :capacity] @ k_sel.transpose(1, 2)  # [B,Mc,N]
+    # cosine = <k_c / |k_c|, k_j> / |k_j|: scaling the [Mc,N] scores instead of normalising all
+    # N keys saves a pass over [N,Ck] (same value up to rounding of the last bit)
+    inv_norm = key_norm.reciprocal()  # [B,N]
+    centre_rows = key_rows[:, :capacity]  # [B,Mc]
+    k_centre = take_rows(keys, centre_rows) * inv_norm.gather(1, centre_rows)[..., None]
+    scores = (k_centre @ keys.transpose(1, 2)) * inv_norm[:, None, :]  # [B,Mc,N] grid columns
+    scores = scores.gather(2, key_rows[:, None, :].expand(-1, capacity, -1))  # [B,Mc,N] columns
     scores = scores + text.gather(1, grid_cols)[:, None, :]  # [B,Mc,N]
     rows = torch.arange(capacity, device=device)  # [Mc]
     blocked = (rows[:, None] == ar[None, :])[None] | ~valid_r[:, None, :]  # [B,Mc,N]
@@ -174,20 +200,19 @@ def merge_centres(
     else:
         w_self = torch.ones(b, capacity, dtype=fdtype, device=device)  # [B,Mc]
     weights.scatter_(2, centre_grid[..., None], (w_self * centre_ok.to(fdtype))[..., None])
+    non_c = valid_r & ~is_c  # [B,N] rest space
+    summary_members = torch.zeros_like(non_c).scatter_(1, rest_idx, non_c)  # [B,N] grid
+    w_sum = attn.to(fdtype) * summary_members.to(fdtype)  # [B,N]
+    weights = torch.cat([weights, w_sum[:, None, :]], dim=1)  # [B,Mc+1,N] last row: summary
     if normalized:
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(fdtype).tiny)
-    merged = weights @ features  # [B,Mc,C]
+    merged = weights @ features  # [B,Mc+1,C] one GEMM for the centres and the summary
+    summary = merged[:, capacity]  # [B,C]
+    merged = merged[:, :capacity]  # [B,Mc,C]
 
     members = torch.zeros(b, capacity, n, dtype=torch.bool, device=device)  # [B,Mc,N]
     members.scatter_(2, nbr_grid, slot_ok)
     members |= torch.zeros_like(members).scatter_(2, centre_grid[..., None], centre_ok[..., None])
-
-    non_c = valid_r & ~is_c  # [B,N] rest space
-    summary_members = torch.zeros_like(non_c).scatter_(1, rest_idx, non_c)  # [B,N] grid
-    w_sum = attn.to(fdtype) * summary_members.to(fdtype)  # [B,N]
-    if normalized:
-        w_sum = w_sum / w_sum.sum(-1, keepdim=True).clamp(min=torch.finfo(fdtype).tiny)
-    summary = (w_sum[:, None, :] @ features).squeeze(1)  # [B,C]
     return {
         "merged": merged,
         "centre_src": torch.where(centre_ok, centre_grid, torch.full_like(centre_grid, -1)),
@@ -218,7 +243,7 @@ def assemble(
         width: padded output length >= max(n_keep + n_centres + n_summary).
         stats: per-sample [B] tensors stored on the result.
     """
-    b, n, c = features.shape
+    b, n, _ = features.shape
     device = features.device
     capacity = merge["merged"].shape[1]
     p = torch.arange(width, device=device)[None, :]  # [1,W]
@@ -230,11 +255,13 @@ def assemble(
 
     kept_src = keep_idx.gather(1, p.clamp(max=n - 1).expand(b, -1))  # [B,W]
     centre_slot = (p - n_keep[:, None]).clamp(0, capacity - 1)  # [B,W]
-    # bank rows: N patches, then Mc merged centres, then the summary
-    bank = torch.cat([features, merge["merged"], merge["summary"][:, None]], dim=1)  # [B,N+Mc+1,C]
-    row = torch.where(kept_row, kept_src, torch.where(centre_row, n + centre_slot, n + capacity))
-    out = bank.gather(1, row[..., None].expand(-1, -1, c))  # [B,W,C]
-    out = out * valid[..., None].to(out.dtype)
+    # small bank of the new tokens: Mc merged centres, the summary, a zero row (kept and padding)
+    zero = merge["summary"].new_zeros(b, 1, merge["summary"].shape[-1])  # [B,1,C]
+    bank = torch.cat([merge["merged"], merge["summary"][:, None], zero], dim=1)  # [B,Mc+2,C]
+    bank_row = torch.where(
+        centre_row, centre_slot, torch.where(summary_row, capacity, capacity + 1)
+    )
+    out = torch.where(kept_row[..., None], take_rows(features, kept_src), take_rows(bank, bank_row))
 
     centre_src = merge["centre_src"].gather(1, centre_slot)  # [B,W]
     source = torch.where(kept_row, kept_src, torch.where(centre_row, centre_src, -1))
@@ -245,10 +272,11 @@ def assemble(
     role = torch.where(centre_row, torch.full_like(role, int(Role.MERGED)), role)
     role = torch.where(summary_row, torch.full_like(role, int(Role.SUMMARY)), role)
 
-    mem_bank = torch.cat([merge["centre_members"], merge["summary_members"][:, None]], dim=1)
-    mem_row = torch.where(centre_row, centre_slot, capacity)  # [B,W] rows of mem_bank
-    members = mem_bank.gather(1, mem_row[..., None].expand(-1, -1, n))  # [B,W,N]
-    members = members & (centre_row | summary_row)[..., None]
+    no_members = merge["summary_members"].new_zeros(b, 1, n)  # [B,1,N]
+    mem_bank = torch.cat(
+        [merge["centre_members"], merge["summary_members"][:, None], no_members], dim=1
+    )  # [B,Mc+2,N]
+    members = take_rows(mem_bank, bank_row)  # [B,W,N]
     own = torch.zeros_like(members).scatter_(2, kept_src[..., None], kept_row[..., None])
     return Compressed(
         features=out,

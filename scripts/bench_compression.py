@@ -1,0 +1,225 @@
+"""Time every registered pre-LLM compression method at LLaVA-1.5 shapes.
+
+Compares against the loop oracle of the released RC code (``tests/rc_oracle.py``, one image at a
+time) and one CLIP ViT-L/14-336 forward pass with random weights (the "RC costs <= 5 % of a ViT
+pass" target). CPU runs use one thread; CUDA runs are added when a GPU is present.
+
+    python scripts/bench_compression.py [--quick] [--out results/bench]
+
+Writes ``compression.json`` (every timing, environment) and ``compression.md`` (table: method,
+device, B, median ms, x faster than the oracle, % of one ViT pass at the same B and device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from rc_oracle import make_inputs, rc_single  # noqa: E402
+
+from recomp_eval.methods import METHODS, VisionSignals, build_method  # noqa: E402
+
+N_PATCHES, WIDTH, BATCHES = 576, 1024, (1, 8)
+# extra RC configurations timed next to each registered method's defaults
+RC_VARIANTS = {
+    "recomp[official]": dict(variant="official"),
+    "recomp[official,lof=torch]": dict(variant="official", lof_backend="torch"),
+    "recomp[paper]": dict(variant="paper"),
+    "recomp[paper,r=0.1]": dict(variant="paper", retention=0.1),
+}
+
+
+def time_call(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls after ``warmup`` discarded ones (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def make_signals(batch: int, device: str, dtype: torch.dtype, key_width: int) -> VisionSignals:
+    x = make_inputs(seed=0, batch=batch, n=N_PATCHES, width=WIDTH)
+    keys = x["keys"][..., :key_width]
+    return VisionSignals(
+        features=x["features"].to(device, dtype),
+        cls_attn=x["attn"].to(device, dtype),
+        keys=keys.to(device, dtype),
+        text_sim=x["text_sim"].to(device, dtype),
+        cls_feature=x["features"][:, 0].to(device, dtype),
+        seeds=torch.arange(batch, device=device),
+    )
+
+
+def build_all() -> tuple[dict[str, object], list[str]]:
+    """Configured methods by label, and notes for the ones skipped."""
+    built, notes = {}, []
+    for name in METHODS:
+        if name == "recomp":
+            for label, kwargs in RC_VARIANTS.items():
+                built[label] = build_method("recomp", **kwargs)
+            continue
+        try:
+            method = build_method(name)
+        except ModuleNotFoundError as err:
+            notes.append(f"{name}: module not there yet ({err.name})")
+            continue
+        if method.llm is not None:
+            notes.append(f"{name}: acts inside the LLM, not timed here")
+            continue
+        built[name] = method
+    return built, notes
+
+
+def vit_forward(batch: int, device: str, dtype: torch.dtype) -> Callable[[], object]:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=WIDTH,
+        intermediate_size=4 * WIDTH,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+    )
+    model = CLIPVisionModel(config).to(device, dtype).eval()
+    pixels = torch.randn(batch, 3, config.image_size, config.image_size, device=device, dtype=dtype)
+
+    def run() -> object:
+        with torch.no_grad():
+            return model(pixel_values=pixels, output_hidden_states=True)
+
+    return run
+
+
+def oracle_call(signals: VisionSignals) -> Callable[[], object]:
+    f, a, k, s = (
+        t.float().cpu()
+        for t in (signals.features, signals.cls_attn, signals.keys, signals.text_sim)
+    )
+
+    def run() -> object:
+        return [rc_single(f[i], a[i], k[i], s[i]) for i in range(f.shape[0])]
+
+    return run
+
+
+def git_hash() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 2-3 minutes)")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    args = parser.parse_args()
+    warmup, repeats, vit_repeats = (1, 5, 1) if args.quick else (2, 15, 3)
+
+    torch.set_num_threads(1)
+    methods, notes = build_all()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        for batch in BATCHES:
+            sig_full = make_signals(batch, device, dtype, WIDTH)
+            oracle_ms = statistics.median(
+                time_call(oracle_call(sig_full), "cpu", warmup, max(3, repeats // 3))
+            )
+            vit_ms = statistics.median(
+                time_call(
+                    vit_forward(batch, device, dtype), device, 1 if batch == 1 else 0, vit_repeats
+                )
+            )
+            rows.append(
+                dict(
+                    method="oracle (release loop, B=1 each)",
+                    device="cpu",
+                    batch=batch,
+                    ms=oracle_ms,
+                )
+            )
+            rows.append(
+                dict(method="CLIP ViT-L/14-336 forward", device=device, batch=batch, ms=vit_ms)
+            )
+            for label, method in methods.items():
+                key_width = WIDTH // 16 if method.spec.keys == "mean_heads" else WIDTH
+                sig = (
+                    sig_full
+                    if key_width == WIDTH
+                    else make_signals(batch, device, dtype, key_width)
+                )
+                try:
+                    ms = statistics.median(
+                        time_call(lambda m=method, s=sig: m(s), device, warmup, repeats)
+                    )
+                except Exception as err:  # a baseline under construction must not stop the bench
+                    notes.append(
+                        f"{label} on {device} B={batch}: failed ({type(err).__name__}: {err})"
+                    )
+                    continue
+                rows.append(
+                    dict(
+                        method=label, device=device, batch=batch, ms=ms,
+                        x_faster_than_oracle=oracle_ms / ms, pct_of_vit=100 * ms / vit_ms,
+                    )
+                )  # fmt: skip
+            print(f"done {device} B={batch}", flush=True)
+
+    env = dict(
+        torch=torch.__version__, python=platform.python_version(), cpu=platform.processor(),
+        threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        git=git_hash(), quick=args.quick, warmup=warmup, repeats=repeats, vit_repeats=vit_repeats,
+        shapes=dict(N=N_PATCHES, C=WIDTH), note="CPU fp32 on one thread; CUDA fp16",
+    )  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compression.json").write_text(
+        json.dumps({"env": env, "rows": rows, "notes": notes}, indent=2)
+    )
+    lines = [
+        "| method | device | B | ms | x faster than oracle | % of ViT pass |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fast = f"{r['x_faster_than_oracle']:.1f}" if "x_faster_than_oracle" in r else ""
+        pct = f"{r['pct_of_vit']:.2f}" if "pct_of_vit" in r else ""
+        lines.append(
+            f"| {r['method']} | {r['device']} | {r['batch']} | {r['ms']:.2f} | {fast} | {pct} |"
+        )
+    lines += ["", f"torch {env['torch']}, {env['note']}, git {env['git'][:10]}", ""]
+    lines += [f"- {n}" for n in notes]
+    (args.out / "compression.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
