@@ -1,0 +1,1 @@
+"""SynthVQA: procedural scenes and questions in the five benchmarks' hub schemas."""
