@@ -52,7 +52,8 @@ def lof_outlier_mask_window(
     ``l`` nearest on its left and the ``k - l`` nearest on its right, where ``l`` counts the
     ``j`` with ``L_j <= R_(k-1-j)`` (``L``/``R``: ascending distances to the left/right
     neighbours). No pairwise matrix and no per-point sort: O(N log N + N k) per row instead of
-    O(N^2). Same rule as ``recomp_eval.methods.outliers.lof_scores`` (k' = max(1, min(k, n - 1));
+    O(N^2). The LOF is ``sum(lrd of neighbours) / (k * lrd)`` (scikit-learn averages the
+    ratios; same value up to the last bit). Same rule as ``recomp_eval.methods.outliers.lof_scores`` (k' = max(1, min(k, n - 1));
     rows with fewer than two valid entries have no outliers); among equidistant neighbours the
     left one wins, so exact-duplicate ties may resolve differently from the dense kernel and
     scikit-learn (both agree whenever no distances tie).
@@ -71,26 +72,27 @@ def lof_outlier_mask_window(
     xs, order = x.sort(dim=-1, stable=True)  # [B,N] invalid entries last
     pad = xs.new_full((b, k), inf)  # [B,k]
     window = torch.cat([-pad, xs, pad], dim=1).unfold(1, 2 * k + 1, 1)  # [B,N,2k+1] view
-    left = xs[..., None] - window[..., :k].flip(-1)  # [B,N,k] ascending distances to the left
-    right = window[..., k + 1 :] - xs[..., None]  # [B,N,k] ascending distances to the right
+    # both[..., j]: j < k the left neighbours, farthest first (distance L_(k-1-j)); j >= k the
+    # right neighbours, nearest first (R_(j-k))
+    both = torch.cat([xs[..., None] - window[..., :k], window[..., k + 1 :] - xs[..., None]], -1)
+    left_desc, right = both[..., :k], both[..., k:]  # [B,N,k] each
 
+    j = torch.arange(k, device=device)  # [k]
     i = torch.arange(n, device=device)[:, None]  # [N,1]
-    q = torch.arange(k, device=device)  # [k]
+    pos_table = torch.cat([i - k + j, i + 1 + j], dim=1).clamp(0, n - 1)  # [N,2k] sorted pos
     if valid is None:
         k_row = k  # every row has n > k points
-        take_left = left <= right.flip(-1)  # [B,N,k] L_q <= R_(k-1-q): true, then false
+        take_left = left_desc <= right  # [B,N,k] L_(k-1-j) <= R_j: the left count is the sum
     else:
         n_valid = valid.sum(-1)  # [B]
         k_row = (n_valid - 1).clamp(min=1, max=k)[:, None, None]  # [B,1,1]
-        mirror = (k_row - 1 - q).clamp(min=0).expand(b, n, k)  # [B,N,k]
-        take_left = (left <= right.gather(-1, mirror)) & (q < k_row)  # [B,N,k]
-    n_left = take_left.sum(-1, keepdim=True)  # [B,N,1]
-    is_left = q < n_left  # [B,N,k] slot q: left neighbour q, or right neighbour q - n_left
-    r_slot = (q - n_left).clamp(0, k - 1)  # [B,N,k]
-    knn_dist = torch.where(is_left, left, right.gather(-1, r_slot))  # [B,N,k]
-    knn = torch.where(is_left, i - 1 - q, i + 1 + r_slot).clamp(0, n - 1)  # [B,N,k] sorted pos
-    knn = knn.reshape(b, -1)  # [B,N*k]
-    slot_ok = None if valid is None else (q < k_row)  # [B,1,k]
+        mirror = (j + k_row - k).clamp(min=0).expand(b, n, k)  # [B,N,k]
+        take_left = (left_desc <= right.gather(-1, mirror)) & (j >= k - k_row)  # [B,N,k]
+    n_left = take_left.sum(-1, keepdim=True)  # [B,N,1] neighbours taken from the left
+    slot = torch.where(j < n_left, k - 1 - j, k + j - n_left)  # [B,N,k] column of `both`
+    knn_dist = both.gather(-1, slot)  # [B,N,k]
+    knn = pos_table.expand(b, n, 2 * k).gather(-1, slot).reshape(b, -1)  # [B,N*k] sorted pos
+    slot_ok = None if valid is None else (j < k_row)  # [B,1,k]
     if slot_ok is not None:
         knn_dist = knn_dist.masked_fill(~slot_ok, 0.0)
 
@@ -100,10 +102,10 @@ def lof_outlier_mask_window(
         reach = reach.masked_fill(~slot_ok, 0.0)
     kf = float(k) if valid is None else k_row.double()[..., 0]  # [B,1]
     lrd = 1.0 / (reach.sum(-1) / kf + LRD_EPS)  # [B,N]
-    ratios = lrd.gather(1, knn).view(b, n, k) / lrd[..., None]  # [B,N,k]
+    neigh_lrd = lrd.gather(1, knn).view(b, n, k)  # [B,N,k]
     if slot_ok is not None:
-        ratios = ratios.masked_fill(~slot_ok, 0.0)
-    out_sorted = ratios.sum(-1) / kf > LOF_THRESHOLD  # [B,N]
+        neigh_lrd = neigh_lrd.masked_fill(~slot_ok, 0.0)
+    out_sorted = neigh_lrd.sum(-1) / (kf * lrd) > LOF_THRESHOLD  # [B,N] mean lrd ratio
     if valid is not None:
         row_ok = torch.arange(n, device=device)[None, :] < n_valid[:, None]  # [B,N]
         out_sorted = out_sorted & row_ok & (n_valid >= 2)[:, None]
