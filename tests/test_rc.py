@@ -249,8 +249,8 @@ def test_q5_upper_and_q14_iqr_counts() -> None:
 
 @pytest.mark.parametrize("variant", ["official", "paper"])
 def test_fixed_budget_hits_t_exactly(variant: str) -> None:
-    x = make_inputs(seed=6, batch=3)
-    for r in (1 / N, 2 / N, 0.02, 0.05, 0.1, 0.25, 0.5, 0.9):
+    x = make_inputs(seed=6, batch=2)
+    for r in (1 / N, 2 / N, 0.05, 0.1, 0.3, 0.75):
         t = budget_from_ratio(r, N)
         out = run(x, variant=variant, retention=r, lof_backend="torch")
         assert out.features.shape[1] == t and (out.lengths == t).all()
@@ -262,7 +262,7 @@ def test_fixed_budget_hits_t_exactly(variant: str) -> None:
         assert src.numel() == (out.source >= 0).sum()
     full = run(x, variant=variant, retention=1.0)
     assert torch.equal(full.features, x["features"])
-    assert torch.equal(full.source, torch.arange(N).expand(3, N))
+    assert torch.equal(full.source, torch.arange(N).expand(2, N))
 
 
 def test_fixed_budget_priority() -> None:
