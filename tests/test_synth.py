@@ -299,3 +299,21 @@ def test_make_synth_script(tmp_path) -> None:
     assert len(read_tags(tmp_path / "mme")) == 4
     with pytest.raises(SystemExit):
         module.main(["nope", "--out", str(tmp_path)])
+
+
+def test_pick_balanced_prefers_unused_and_distinct_families() -> None:
+    from recomp_eval.synth.builders import pick_balanced
+    from recomp_eval.synth.questions import SynthQuestion
+
+    qs = [SynthQuestion(f"q{i}", "x", fam, "none", None) for i, fam in enumerate("aabbc")]
+    used = Counter({"a": 5})
+    picked = pick_balanced(qs, 2, used, {"a": 1, "b": 1, "c": 1}, np.random.default_rng(0))
+    assert sorted(q.family for q in picked) == ["b", "c"]
+    picked = pick_balanced(qs[:2], 2, Counter(), {"a": 1}, np.random.default_rng(0))
+    assert len(picked) == 2  # repeats a family only when the scene offers no other
+
+
+def test_written_gqa_has_small_objects_next_to_large_ones(written) -> None:
+    tags = list(read_tags(written / "a" / "gqa").values())
+    assert sum(t["size"] == "small" for t in tags) >= len(tags) / 3
+    assert any(t["near_large"] for t in tags)

@@ -72,16 +72,17 @@ def pick_balanced(
     weights: Mapping[str, float],
     rng: np.random.Generator,
 ) -> list[SynthQuestion]:
-    """Up to ``k`` questions of distinct families, least used (per weight) first; updates
-    ``used``. Ties are broken at random."""
+    """Up to ``k`` questions, least used family (per weight) first, distinct families first and
+    repeats only when the scene offers fewer than ``k`` families; updates ``used``. Ties are
+    broken at random."""
     pool = [q for q in questions if q.family in weights]
     order = rng.permutation(len(pool))
     ranked = sorted(order, key=lambda i: used[pool[i].family] / weights[pool[i].family])
-    out: list[SynthQuestion] = []
-    for i in ranked:
-        if len(out) < k and pool[i].family not in {q.family for q in out}:
-            out.append(pool[i])
-            used[pool[i].family] += 1
+    first = {pool[i].family: i for i in reversed(ranked)}  # best-ranked question per family
+    chosen = [i for i in ranked if first[pool[i].family] == i][:k]
+    chosen += [i for i in ranked if i not in chosen][: k - len(chosen)]
+    out = [pool[i] for i in chosen]
+    used.update(q.family for q in out)
     return out
 
 
