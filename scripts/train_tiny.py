@@ -1,0 +1,423 @@
+"""Train the offline demo model ``synth-llava`` on CPU: a CLIP-style pair, then a small LLaVA.
+
+Usage (2 CPU cores; see the README for the measured time)::
+
+    python scripts/train_tiny.py                 # all stages, work files under results/train_tiny/
+    python scripts/train_tiny.py --resume        # continue from the last checkpoint
+    python scripts/train_tiny.py --stage 2       # only the LLaVA stage (needs stage 1's output)
+
+Stage 1 (vision): a ``CLIPVisionModel`` (CLS token, 192 px, 8 px patches -> 24 x 24 grid) and a
+``CLIPTextModelWithProjection`` + ``visual_projection`` on SynthVQA scenes (seed 0). The main
+training signal comes from AUXILIARY losses, documented here because they shape what compression
+methods read:
+
+- per-patch heads on the layer -2 output (LLaVA's feature layer): colour, shape, size, character
+  of the object under the patch, or background (``PATCH_HEADS``); the heads are discarded;
+- alignment: ``visual_projection`` of each last-layer patch state (before ``post_layernorm``, the
+  ``P`` of RC) is classified against the text-tower embeddings of all object descriptions
+  ("small red triangle", ..., "background") with a cosine-softmax (CLIP-style, per patch);
+- CLS multi-label: ``post_layernorm(CLS)`` predicts which colour/shape pairs are present (a
+  discarded linear head), so the last layer's CLS token attends to objects.
+
+Most stage-1 steps run on 12 x 12-patch crops (their own position-embedding rows), 16x cheaper
+attention than the full grid; the last steps run on full images.
+
+Stage 2 (LLaVA): ``LlavaForConditionalGeneration`` with that tower frozen, a 2-layer GELU MLP
+projector and a small Llama decoder, trained on questions from ``recomp_eval.synth.questions``
+with loss on answer tokens only. Prompts are rendered by the harness's own
+``render_prompt`` (protocols ``llava15`` and ``lmms_eval``) with ``user_prompt``-style text. The
+frozen features (layer -2, CLS dropped) are cached once. One image carries several questions in
+one sequence: each question block attends to the shared prefix (system text + image tokens) and
+causally to itself, with position ids continuing the prefix, so every block sees exactly the
+single-question prompt of evaluation time.
+
+Reproducible (fixed seeds, deterministic data by index), checkpointed every few minutes and
+resumable. Output: ``models/synth-llava/`` (+ ``clip/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recomp_eval.synth import scenes as S  # noqa: E402
+
+GRID = S.IMAGE_SIZE // S.PATCH  # 24
+N_PATCH = GRID * GRID  # 576
+COLOURS = tuple(S.COLOURS)
+SIZES = tuple(S.SIZES)
+CHARS = S.CHARACTERS
+IGNORE = -100
+MIN_COVER = 0.2  # a patch belongs to an object when the object covers >= 20 % of it
+DESCRIPTIONS = [f"{z} {c} {s}" for z in SIZES for c in COLOURS for s in S.SHAPES] + ["background"]
+# label columns per patch: colour, shape, size, char, description (background = last class)
+PATCH_HEADS = {
+    "colour": len(COLOURS) + 1,
+    "shape": len(S.SHAPES) + 1,
+    "size": len(SIZES) + 1,
+    "char": len(CHARS) + 1,
+}
+HEAD_WEIGHTS = {"colour": 1.0, "shape": 2.0, "size": 1.0, "char": 0.5}
+N_PAIRS = len(COLOURS) * len(S.SHAPES)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+def patch_labels(scene: S.Scene) -> np.ndarray:
+    """Per-patch labels [576, 5] int16: colour, shape, size, char, description (IGNORE = unsure)."""
+    n_bg = [PATCH_HEADS[k] - 1 for k in PATCH_HEADS] + [len(DESCRIPTIONS) - 1]
+    labels = np.tile(np.array(n_bg, dtype=np.int16), (N_PATCH, 1))  # [N,5]
+    for obj in scene.objects:
+        mask = Image.new("L", (S.IMAGE_SIZE, S.IMAGE_SIZE), 0)
+        S._draw_shape(ImageDraw.Draw(mask), obj, 255)
+        m = np.asarray(mask, dtype=np.float32) / 255.0  # [S,S]
+        cover = m.reshape(GRID, S.PATCH, GRID, S.PATCH).mean(axis=(1, 3)).reshape(-1)  # [N]
+        ci, si, zi = COLOURS.index(obj.colour), S.SHAPES.index(obj.shape), SIZES.index(obj.size)
+        hi = CHARS.index(obj.char) if obj.char else len(CHARS)
+        di = DESCRIPTIONS.index(obj.describe())
+        labels[cover >= MIN_COVER] = (ci, si, zi, hi, di)
+        labels[(cover > 0) & (cover < MIN_COVER)] = IGNORE
+    return labels
+
+
+def build_scenes(seed: int, count: int, path: Path) -> dict[str, torch.Tensor]:
+    """Pixels [n,3,S,S] uint8 and patch labels [n,576,5] for scenes 0..count-1 (cached)."""
+    if path.exists():
+        data = torch.load(path)
+        if data["pixels"].shape[0] >= count:
+            return {k: v[:count] for k, v in data.items()}
+    pixels = np.zeros((count, 3, S.IMAGE_SIZE, S.IMAGE_SIZE), dtype=np.uint8)
+    labels = np.zeros((count, N_PATCH, 5), dtype=np.int16)
+    for i in range(count):
+        scene = S.make_scene(seed, i)
+        pixels[i] = np.asarray(scene.image.convert("RGB")).transpose(2, 0, 1)
+        labels[i] = patch_labels(scene)
+    data = {"pixels": torch.from_numpy(pixels), "labels": torch.from_numpy(labels)}
+    torch.save(data, path)
+    return data
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,S,S] -> CLIP-normalised float [B,3,S,S] (what the image processor outputs)."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def word_tokenizer(words: list[str], specials: list[str], clip: bool):
+    """Word-level ``PreTrainedTokenizerFast`` (lower-cased, split on spaces and punctuation).
+
+    LLaVA side: ``<s> text``, left padding, ``<image>`` one special token. CLIP side: ``<s> text
+    </s>``, right padding, 77 positions, EOS id != 2 (HF's legacy argmax pooling is for id 2).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(specials)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    bos, eos = vocab["<s>"], vocab["</s>"]
+    if clip:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", bos)]
+        )
+    kwargs = {"extra_special_tokens": {"image_token": "<image>"}} if not clip else {}
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="right" if clip else "left",
+        model_max_length=77 if clip else 4096,
+        **kwargs,
+    )
+    return out
+
+
+def words_of(texts) -> list[str]:
+    import re
+
+    seen: dict[str, None] = {}
+    for t in texts:
+        for w in re.findall(r"\w+|[^\w\s]+", t.lower()):
+            seen.setdefault(w, None)
+    return list(seen)
+
+
+CLIP_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # EOS id 3
+CLIP_EXTRA_WORDS = (
+    "a an the of is there what which colour color shape size object in image picture photo "
+    "letter digit character on left right top bottom above below how many yes no"
+)
+
+
+def clip_tokenizer():
+    words = words_of(DESCRIPTIONS + [CLIP_EXTRA_WORDS] + list(CHARS))
+    return word_tokenizer(words, CLIP_SPECIALS, clip=True)
+
+
+# ----------------------------------------------------------------------------- stage 1 model
+def vision_config(args):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=args.vit_width,
+        intermediate_size=4 * args.vit_width,
+        num_hidden_layers=args.vit_layers,
+        num_attention_heads=args.vit_heads,
+        image_size=S.IMAGE_SIZE,
+        patch_size=S.PATCH,
+        projection_dim=args.proj_dim,
+    )
+
+
+def text_config(args, tok):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=args.text_width,
+        intermediate_size=2 * args.text_width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=args.proj_dim,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+class Stage1(torch.nn.Module):
+    """Vision tower + text tower + visual projection + discarded auxiliary heads."""
+
+    def __init__(self, args, tok):
+        super().__init__()
+        from transformers import CLIPTextModelWithProjection, CLIPVisionModel
+
+        self.vision = CLIPVisionModel(vision_config(args))
+        self.text = CLIPTextModelWithProjection(text_config(args, tok))
+        c = args.vit_width
+        self.visual_projection = torch.nn.Linear(c, args.proj_dim, bias=False)
+        self.head_norm = torch.nn.LayerNorm(c)
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(c, n) for k, n in PATCH_HEADS.items()})
+        self.cls_head = torch.nn.Linear(c, N_PAIRS)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+
+
+def tower_states(vision, pixels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+    """Run the CLIP vision tower on a crop with its own position rows.
+
+    Args:
+        pixels: [B,3,h*P,w*P] normalised crop.
+        rows, cols: [B] top-left patch of the crop in the 24 x 24 grid.
+    Returns:
+        hidden states list (embeddings after pre-LN, then each layer), each [B,1+h*w,C].
+    """
+    emb = vision.embeddings
+    b = pixels.shape[0]
+    patches = emb.patch_embedding(pixels)  # [B,C,h,w]
+    h, w = patches.shape[-2:]
+    x = patches.flatten(2).transpose(1, 2)  # [B,h*w,C]
+    r = rows[:, None, None] + torch.arange(h)[None, :, None]  # [B,h,1]
+    c = cols[:, None, None] + torch.arange(w)[None, None, :]  # [B,1,w]
+    pos = (1 + r * GRID + c).reshape(b, -1)  # [B,h*w]
+    x = x + emb.position_embedding(pos)
+    cls = emb.class_embedding + emb.position_embedding.weight[0]  # [C]
+    x = torch.cat([cls.expand(b, 1, -1), x], dim=1)  # [B,1+h*w,C]
+    x = vision.pre_layrnorm(x)
+    states = [x]
+    for layer in vision.encoder.layers:
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+        states.append(x)
+    return states
+
+
+def stage1_loss(model: Stage1, pixels, labels, rows, cols, text_ids, text_mask):
+    """Auxiliary losses (see module docstring). labels: [B,n,5]. Returns (loss, metrics)."""
+    states = tower_states(model.vision, pixels, rows, cols)
+    feat = model.head_norm(states[-2][:, 1:])  # [B,n,C] layer -2 output
+    metrics, loss = {}, 0.0
+    for j, (name, head) in enumerate(model.heads.items()):
+        target = labels[..., j].long()  # [B,n]
+        if name == "char":  # only where an object is
+            target = torch.where(labels[..., 1] == PATCH_HEADS["shape"] - 1, IGNORE, target)
+        logits = head(feat)  # [B,n,K]
+        is_obj = (labels[..., 1] >= 0) & (labels[..., 1] < PATCH_HEADS["shape"] - 1)
+        weight = torch.where(is_obj, 1.0, 0.3)  # objects are ~20 % of patches
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none",
+                             ignore_index=IGNORE)  # fmt: skip
+        valid = (target.flatten() != IGNORE).float()
+        wv = weight.flatten() * valid
+        loss = loss + HEAD_WEIGHTS[name] * (ce * wv).sum() / wv.sum().clamp(min=1)
+        ok = (logits.argmax(-1) == target) & is_obj & (target != IGNORE)
+        metrics[f"{name}_obj_acc"] = (ok.sum() / (is_obj & (target != IGNORE)).sum()).item()
+    # alignment: projected last-layer patch state vs description text embeddings
+    text = model.text(input_ids=text_ids, attention_mask=text_mask).text_embeds  # [T,D]
+    proj = model.visual_projection(states[-1][:, 1:])  # [B,n,D]
+    sim = F.normalize(proj, dim=-1) @ F.normalize(text, dim=-1).T  # [B,n,T]
+    logits = sim * model.logit_scale.exp()
+    target = labels[..., 4].long()  # [B,n]
+    is_obj = target < len(DESCRIPTIONS) - 1
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none",
+                         ignore_index=IGNORE)  # fmt: skip
+    w = torch.where(is_obj, 1.0, 0.3).flatten() * (target.flatten() != IGNORE).float()
+    loss = loss + (ce * w).sum() / w.sum()
+    metrics["align_obj_acc"] = ((logits.argmax(-1) == target) & is_obj).sum().item() / max(
+        1, is_obj.sum().item()
+    )
+    # CLS multi-label: which (colour, shape) pairs are present
+    pair = labels[..., 0].long() * len(S.SHAPES) + labels[..., 1].long()  # [B,n]
+    obj_patch = (labels[..., 1] >= 0) & (labels[..., 1] < len(S.SHAPES))
+    present = torch.zeros(pair.shape[0], N_PAIRS)
+    present.scatter_add_(1, torch.where(obj_patch, pair, 0), obj_patch.float())
+    present = (present >= 2).float()  # [B,24]
+    cls = model.vision.post_layernorm(states[-1][:, 0])  # [B,C]
+    cls_logits = model.cls_head(cls)
+    loss = loss + F.binary_cross_entropy_with_logits(cls_logits, present)
+    metrics["cls_acc"] = ((cls_logits > 0).float() == present).float().mean().item()
+    return loss, metrics
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def save_ckpt(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def run_stage1(args, work: Path) -> None:
+    torch.manual_seed(args.seed)
+    tok = clip_tokenizer()
+    data = build_scenes(args.seed, args.s1_scenes, work / "scenes.pt")
+    log(f"stage 1: {args.s1_scenes} scenes ready")
+    model = Stage1(args, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.s1_lr, weight_decay=0.05)
+    ckpt = work / "stage1.pt"
+    step = 0
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log(f"resumed stage 1 at step {step}")
+    text = tok(DESCRIPTIONS, padding=True, return_tensors="pt")
+    total, crop = args.s1_steps, args.s1_crop
+    full_from = int(total * (1 - args.s1_full_share))
+    last_save, t0, hist = time.time(), time.time(), []
+    model.train()
+    while step < total:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        full = step >= full_from
+        bs = args.s1_batch_full if full else args.s1_batch
+        idx = torch.randint(0, data["pixels"].shape[0], (bs,), generator=g)
+        side = GRID if full else crop
+        rows = torch.randint(0, GRID - side + 1, (bs,), generator=g)
+        cols = torch.randint(0, GRID - side + 1, (bs,), generator=g)
+        pix = torch.stack([
+            data["pixels"][i, :, r * S.PATCH:(r + side) * S.PATCH, c * S.PATCH:(c + side) * S.PATCH]
+            for i, r, c in zip(idx.tolist(), rows.tolist(), cols.tolist())
+        ])  # fmt: skip
+        lab = torch.stack([
+            data["labels"][i].view(GRID, GRID, 5)[r:r + side, c:c + side].reshape(-1, 5)
+            for i, r, c in zip(idx.tolist(), rows.tolist(), cols.tolist())
+        ])  # fmt: skip
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, args.s1_lr, args.s1_warmup)
+        loss, m = stage1_loss(
+            model, normalise(pix), lab, rows, cols, text["input_ids"], text["attention_mask"]
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        hist.append({"loss": loss.item(), **m})
+        if step % args.log_every == 0 or step == total:
+            avg = {k: sum(h[k] for h in hist) / len(hist) for k in hist[0]}
+            hist = []
+            rate = step / max(1e-9, time.time() - t0)
+            log(f"s1 step {step}/{total} full={full} " + " ".join(
+                f"{k}={v:.3f}" for k, v in avg.items()) + f" ({rate:.2f} step/s)")  # fmt: skip
+        if time.time() - last_save > args.save_every or step == total:
+            save_ckpt(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step)
+            last_save = time.time()
+    log("stage 1 done")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="results/train_tiny")
+    p.add_argument("--out", default="models/synth-llava")
+    p.add_argument("--stage", default="all", choices=["all", "1", "2", "save"])
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save-every", type=float, default=180.0, help="seconds between checkpoints")
+    p.add_argument("--log-every", type=int, default=25)
+    # stage 1
+    p.add_argument("--vit-width", type=int, default=128)
+    p.add_argument("--vit-layers", type=int, default=5)
+    p.add_argument("--vit-heads", type=int, default=4)
+    p.add_argument("--text-width", type=int, default=64)
+    p.add_argument("--proj-dim", type=int, default=64)
+    p.add_argument("--s1-scenes", type=int, default=4000)
+    p.add_argument("--s1-steps", type=int, default=1500)
+    p.add_argument("--s1-batch", type=int, default=32)
+    p.add_argument("--s1-batch-full", type=int, default=8)
+    p.add_argument("--s1-crop", type=int, default=12, help="crop side in patches")
+    p.add_argument("--s1-full-share", type=float, default=0.1)
+    p.add_argument("--s1-lr", type=float, default=2e-3)
+    p.add_argument("--s1-warmup", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / ".gitignore").write_text("*\n")
+    (work / "args.json").write_text(json.dumps(vars(args), indent=1))
+    if args.stage in ("all", "1"):
+        run_stage1(args, work)
+
+
+if __name__ == "__main__":
+    main()
