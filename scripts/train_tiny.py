@@ -51,8 +51,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recomp_eval.synth import scenes as S  # noqa: E402
+from recomp_eval.synth import scenes as S
 
 GRID = S.IMAGE_SIZE // S.PATCH  # 24
 N_PATCH = GRID * GRID  # 576
@@ -179,7 +180,7 @@ CLIP_EXTRA_WORDS = (
 
 
 def clip_tokenizer():
-    words = words_of(DESCRIPTIONS + [CLIP_EXTRA_WORDS] + list(CHARS))
+    words = words_of([*DESCRIPTIONS, CLIP_EXTRA_WORDS, *CHARS])
     return word_tokenizer(words, CLIP_SPECIALS, clip=True)
 
 
@@ -379,6 +380,136 @@ def run_stage1(args, work: Path) -> None:
     log("stage 1 done")
 
 
+# ----------------------------------------------------------------------------- stage 2 + save
+def load_stage1(work: Path) -> tuple[Stage1, argparse.Namespace, object]:
+    s1 = argparse.Namespace(**json.loads((work / "s1_args.json").read_text()))
+    tok = clip_tokenizer()
+    model = Stage1(s1, tok)
+    model.load_state_dict(torch.load(work / "stage1.pt")["model"])
+    return model.eval(), s1, tok
+
+
+def build_llava(args, s1, tok, stage1: Stage1):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(args.seed)
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=args.llm_width,
+        intermediate_size=4 * args.llm_width,
+        num_hidden_layers=args.llm_layers,
+        num_attention_heads=args.llm_heads,
+        num_key_value_heads=args.llm_heads,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config(s1),
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        image_seq_length=N_PATCH,
+    )
+    llava = LlavaForConditionalGeneration(config)
+    llava.model.vision_tower.load_state_dict(stage1.vision.state_dict())
+    for p in llava.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    return llava
+
+
+@torch.no_grad()
+def cache_features(llava, data, count: int, path: Path) -> torch.Tensor:
+    """Frozen layer -2 features, CLS dropped: [count,576,C] float16 (cached on disk)."""
+    if path.exists():
+        feats = torch.load(path)
+        if feats.shape[0] >= count:
+            return feats[:count]
+    tower = llava.model.vision_tower.eval()
+    out = []
+    for i in range(0, count, 32):
+        pix = normalise(data["pixels"][i : min(count, i + 32)])
+        hs = tower(pixel_values=pix, output_hidden_states=True).hidden_states
+        out.append(hs[llava.config.vision_feature_layer][:, 1:].half())  # [b,576,C]
+    feats = torch.cat(out)
+    torch.save(feats, path)
+    return feats
+
+
+def fold_normalisation(llava, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make the projector take raw features: linear_1(x') with x' = (x - mean) / std."""
+    lin = llava.model.multi_modal_projector.linear_1
+    with torch.no_grad():
+        w = lin.weight / std[None, :]  # [E,C]
+        lin.bias.sub_(w @ mean)
+        lin.weight.copy_(w)
+
+
+def save_model(args, llava, tok, stage1: Stage1, clip_tok, s1, out: Path) -> None:
+    import train_tiny_llava as L
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        LlavaProcessor,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    llava.generation_config.pad_token_id = tok.pad_token_id
+    llava.generation_config.eos_token_id = tok.eos_token_id
+    llava.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    side = S.IMAGE_SIZE
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=S.PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=L.CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    cfg = CLIPConfig(
+        text_config=stage1.text.config.to_dict(),
+        vision_config=vision_config(s1).to_dict(),
+        projection_dim=s1.proj_dim,
+    )
+    clip = CLIPModel(cfg).eval()
+    clip.text_model.load_state_dict(stage1.text.text_model.state_dict())
+    clip.text_projection.load_state_dict(stage1.text.text_projection.state_dict())
+    clip.vision_model.load_state_dict(stage1.vision.state_dict())
+    clip.visual_projection.load_state_dict(stage1.visual_projection.state_dict())
+    clip.save_pretrained(out / "clip")
+    clip_tok.save_pretrained(out / "clip")
+    log(f"saved {out}")
+
+
+def run_stage2(args, work: Path) -> None:
+    import train_tiny_llava as L
+
+    stage1, s1, clip_tok = load_stage1(work)
+    tok = L.llava_tokenizer(args.seed)
+    llava = build_llava(args, s1, tok, stage1)
+    data = build_scenes(args.seed, args.s2_images, work / "scenes.pt")
+    feats = cache_features(llava, data, args.s2_images, work / "features.pt")
+    flat = feats.float().flatten(0, 1)  # [n*576,C]
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-4)
+    log(f"stage 2: {feats.shape[0]} feature maps cached; vocab {len(tok)}")
+    L.train(args, work, llava, tok, feats, mean, std)
+    fold_normalisation(llava, mean, std)
+    save_model(args, llava, tok, stage1, clip_tok, s1, Path(args.out))
+
+
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -404,6 +535,16 @@ def parse_args(argv=None):
     p.add_argument("--s1-full-share", type=float, default=0.1)
     p.add_argument("--s1-lr", type=float, default=2e-3)
     p.add_argument("--s1-warmup", type=int, default=100)
+    # stage 2
+    p.add_argument("--llm-width", type=int, default=128)
+    p.add_argument("--llm-layers", type=int, default=4)
+    p.add_argument("--llm-heads", type=int, default=4)
+    p.add_argument("--s2-images", type=int, default=2000)
+    p.add_argument("--s2-steps", type=int, default=600)
+    p.add_argument("--s2-batch", type=int, default=2)
+    p.add_argument("--s2-questions", type=int, default=28, help="question blocks per image")
+    p.add_argument("--s2-lr", type=float, default=2e-3)
+    p.add_argument("--s2-warmup", type=int, default=30)
     return p.parse_args(argv)
 
 
@@ -415,8 +556,12 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / ".gitignore").write_text("*\n")
     (work / "args.json").write_text(json.dumps(vars(args), indent=1))
+    if args.stage in ("all", "1") and not (args.resume and (work / "s1_args.json").exists()):
+        (work / "s1_args.json").write_text(json.dumps(vars(args), indent=1))
     if args.stage in ("all", "1"):
         run_stage1(args, work)
+    if args.stage in ("all", "2"):
+        run_stage2(args, work)
 
 
 if __name__ == "__main__":
