@@ -11,7 +11,6 @@ from sklearn.neighbors import LocalOutlierFactor
 from recomp_eval.methods import Role, VisionSignals, budget_from_ratio, build_method
 from recomp_eval.methods.outliers import lof_outlier_mask
 from recomp_eval.methods.rc import RCConfig, make_config
-from recomp_eval.methods.rc_merge import lof_outlier_mask_window
 
 N, C = 576, 1024
 
@@ -86,13 +85,12 @@ def test_fp16_signals_keep_dtype_and_selection() -> None:
 
 
 @pytest.mark.parametrize("n,k", [(576, 20), (300, 10), (15, 20), (2, 20)])
-def test_window_lof_equals_dense_and_sklearn(n: int, k: int) -> None:
+def test_lof_with_ragged_rows_equals_sklearn(n: int, k: int) -> None:
     g = torch.Generator().manual_seed(n)
     values = torch.randn(4, n, generator=g).exp()  # skewed, tie-free
     valid = torch.rand(4, n, generator=g) < 0.8
     valid[0] = True
-    window = lof_outlier_mask_window(values, k, valid)
-    assert torch.equal(window, lof_outlier_mask(values, k, valid, backend="torch"))
+    window = lof_outlier_mask(values, k, valid, backend="torch")
     for row in range(4):
         cols = valid[row].nonzero().flatten()
         if cols.numel() < 2:

@@ -49,7 +49,6 @@ from recomp_eval.methods.rc_merge import (
     above_median,
     assemble,
     descending_rank,
-    lof_outlier_mask_window,
     merge_centres,
 )
 
@@ -165,10 +164,7 @@ def _outlier_fraction(
     values: torch.Tensor, k: int, valid: torch.Tensor | None, cfg: RCConfig
 ) -> torch.Tensor:
     """[B] float64 LOF outlier fraction of each row's valid entries (``lof_count`` aware)."""
-    if cfg.lof_backend == "torch":
-        mask = lof_outlier_mask_window(values, k, valid)  # [B,N]
-    else:
-        mask = lof_outlier_mask(values, k, valid, backend="sklearn")  # [B,N]
+    mask = lof_outlier_mask(values, k, valid, backend=cfg.lof_backend)  # [B,N]
     if cfg.lof_count == "upper":
         mask = mask & above_median(values, valid)
     n_valid = values.shape[1] if valid is None else valid.sum(-1).clamp(min=1)

@@ -16,9 +16,6 @@ import torch
 
 from recomp_eval.methods.base import Compressed, Role
 
-LOF_THRESHOLD = 1.5  # contamination="auto": outlier iff LOF > 1.5 (method.md section 2)
-LRD_EPS = 1e-10  # scikit-learn's guard in the local reachability density
-
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``x[b, index[b, k]]``: [B,N,C] at [B,K] -> [B,K,C] (flat index_select, copies rows)."""
@@ -41,75 +38,6 @@ def descending_rank(x: torch.Tensor, valid: torch.Tensor | None = None):
     ar = torch.arange(x.shape[1], device=x.device).expand_as(order)  # [B,N]
     rank = torch.empty_like(order).scatter_(1, order, ar)  # [B,N]
     return order, rank
-
-
-def lof_outlier_mask_window(
-    values: torch.Tensor, n_neighbors: int, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """[B,N] bool LOF outliers of 1-D rows (scikit-learn ``contamination="auto"`` semantics).
-
-    In 1-D the k nearest other points of a value are a contiguous run of the sorted row: the
-    ``l`` nearest on its left and the ``k - l`` nearest on its right, where ``l`` counts the
-    ``j`` with ``L_j <= R_(k-1-j)`` (``L``/``R``: ascending distances to the left/right
-    neighbours). No pairwise matrix and no per-point sort: O(N log N + N k) per row instead of
-    O(N^2). The LOF is ``sum(lrd of neighbours) / (k * lrd)`` (scikit-learn averages the
-    ratios; same value up to the last bit). Same rule as ``recomp_eval.methods.outliers.lof_scores`` (k' = max(1, min(k, n - 1));
-    rows with fewer than two valid entries have no outliers); among equidistant neighbours the
-    left one wins, so exact-duplicate ties may resolve differently from the dense kernel and
-    scikit-learn (both agree whenever no distances tie).
-
-    Args:
-        values: [B,N] scores (computed in float64). n_neighbors: LOF k.
-        valid: [B,N] bool point-set membership (ragged rows); default all.
-    """
-    b, n = values.shape
-    device = values.device
-    if n < 2:
-        return torch.zeros(b, n, dtype=torch.bool, device=device)
-    inf = float("inf")
-    k = min(n_neighbors, n - 1)
-    x = values.double() if valid is None else values.double().masked_fill(~valid, inf)
-    xs, order = x.sort(dim=-1, stable=True)  # [B,N] invalid entries last
-    pad = xs.new_full((b, k), inf)  # [B,k]
-    window = torch.cat([-pad, xs, pad], dim=1).unfold(1, 2 * k + 1, 1)  # [B,N,2k+1] view
-    # both[..., j]: j < k the left neighbours, farthest first (distance L_(k-1-j)); j >= k the
-    # right neighbours, nearest first (R_(j-k))
-    both = torch.cat([xs[..., None] - window[..., :k], window[..., k + 1 :] - xs[..., None]], -1)
-    left_desc, right = both[..., :k], both[..., k:]  # [B,N,k] each
-
-    j = torch.arange(k, device=device)  # [k]
-    i = torch.arange(n, device=device)[:, None]  # [N,1]
-    pos_table = torch.cat([i - k + j, i + 1 + j], dim=1).clamp(0, n - 1)  # [N,2k] sorted pos
-    if valid is None:
-        k_row = k  # every row has n > k points
-        take_left = left_desc <= right  # [B,N,k] L_(k-1-j) <= R_j: the left count is the sum
-    else:
-        n_valid = valid.sum(-1)  # [B]
-        k_row = (n_valid - 1).clamp(min=1, max=k)[:, None, None]  # [B,1,1]
-        mirror = (j + k_row - k).clamp(min=0).expand(b, n, k)  # [B,N,k]
-        take_left = (left_desc <= right.gather(-1, mirror)) & (j >= k - k_row)  # [B,N,k]
-    n_left = take_left.sum(-1, keepdim=True)  # [B,N,1] neighbours taken from the left
-    slot = torch.where(j < n_left, k - 1 - j, k + j - n_left)  # [B,N,k] column of `both`
-    knn_dist = both.gather(-1, slot)  # [B,N,k]
-    knn = pos_table.expand(b, n, 2 * k).gather(-1, slot).reshape(b, -1)  # [B,N*k] sorted pos
-    slot_ok = None if valid is None else (j < k_row)  # [B,1,k]
-    if slot_ok is not None:
-        knn_dist = knn_dist.masked_fill(~slot_ok, 0.0)
-
-    k_dist = knn_dist.amax(-1)  # [B,N] distance to the k'-th neighbour
-    reach = torch.maximum(knn_dist, k_dist.gather(1, knn).view(b, n, k))  # [B,N,k]
-    if slot_ok is not None:
-        reach = reach.masked_fill(~slot_ok, 0.0)
-    kf = float(k) if valid is None else k_row.double()[..., 0]  # [B,1]
-    lrd = 1.0 / (reach.sum(-1) / kf + LRD_EPS)  # [B,N]
-    neigh_lrd = lrd.gather(1, knn).view(b, n, k)  # [B,N,k]
-    if slot_ok is not None:
-        neigh_lrd = neigh_lrd.masked_fill(~slot_ok, 0.0)
-    out_sorted = neigh_lrd.sum(-1) / (kf * lrd) > LOF_THRESHOLD  # [B,N] mean lrd ratio
-    if valid is not None:
-        row_ok = torch.arange(n, device=device)[None, :] < n_valid[:, None]  # [B,N]
-        out_sorted = out_sorted & row_ok & (n_valid >= 2)[:, None]
-    return torch.zeros_like(out_sorted).scatter_(1, order, out_sorted)  # [B,N] original order
 
 
 def above_median(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
