@@ -55,56 +55,10 @@ def bad_images() -> dict[str, dict[str, Any]]:
 
 
 def _features(name: str):
-    from datasets import Features, Sequence, Value
-    from datasets import Image as ImageFeature
+    """Hub ``Features`` of a benchmark: one definition, shared with the SynthVQA writers."""
+    from recomp_eval.synth.schemas import hub_features
 
-    s = Value("string")
-    if name == "gqa":
-        return Features(
-            {
-                "id": s, "imageId": s, "question": s, "answer": s, "fullAnswer": s,
-                "isBalanced": Value("bool"),
-                "groups": {"global": s, "local": s},
-                "entailed": s, "equivalent": s,
-                "types": {"structural": s, "semantic": s, "detailed": s},
-                "annotations": {"answer": s, "question": s, "fullAnswer": s},
-                "semantic": [{"operation": s, "argument": s, "dependencies": Sequence(Value("int32"))}],
-                "semanticStr": s,
-            }
-        )  # fmt: skip
-    if name == "gqa_images":
-        return Features({"id": s, "image": ImageFeature()})
-    if name == "vqav2":
-        return Features(
-            {
-                "question_type": s, "multiple_choice_answer": s,
-                "answers": [{"answer": s, "answer_confidence": s, "answer_id": Value("int64")}],
-                "image_id": Value("int64"), "answer_type": s, "question_id": Value("int64"),
-                "question": s, "image": ImageFeature(),
-            }
-        )  # fmt: skip
-    if name == "textvqa":
-        return Features(
-            {
-                "image_id": s, "question_id": Value("int32"), "question": s,
-                "question_tokens": Sequence(s), "image": ImageFeature(),
-                "image_width": Value("int32"), "image_height": Value("int32"),
-                "flickr_original_url": s, "flickr_300k_url": s, "answers": Sequence(s),
-                "image_classes": Sequence(s), "set_name": s, "ocr_tokens": Sequence(s),
-            }
-        )  # fmt: skip
-    if name == "pope":
-        return Features(
-            {
-                "id": s, "question_id": s, "question": s, "answer": s, "image_source": s,
-                "image": ImageFeature(), "category": s,
-            }
-        )  # fmt: skip
-    if name == "mme":
-        return Features(
-            {"question_id": s, "image": ImageFeature(), "question": s, "answer": s, "category": s}
-        )
-    raise KeyError(name)
+    return hub_features(name)
 
 
 def _gqa_rows(images):

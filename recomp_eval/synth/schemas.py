@@ -1,7 +1,7 @@
 """Hub schemas of the five real benchmarks (``datasets.Features``) and their local layout.
 
-Column names and Arrow types follow the lmms-lab dataset cards, exactly as ``tests/fixtures.py``
-writes them (a test checks the two agree), so that the synthetic parquet files are read by the
+Column names and Arrow types follow the lmms-lab dataset cards; ``tests/fixtures.py`` uses the
+same definitions for the test fixtures, so that the synthetic parquet files are read by the
 real loaders through ``data_dir`` unchanged.
 """
 
