@@ -7,6 +7,8 @@
   average of those percentages;
 * ``efficiency.{md,csv,tex}``: kept visual tokens, prefill TFLOPs, prefill ms, decode ms/token and
   peak memory per benchmark x method x retention;
+* ``slices.{md,csv,tex}``: the primary metric per tagged slice (SynthVQA: object size, question
+  family), when records carry slices;
 * ``plots/<benchmark>.png``: primary metric against kept tokens and against prefill TFLOPs.
 """
 
@@ -87,6 +89,36 @@ def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def slice_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Primary metric per tagged slice (``benchmark/slice/<tag>=<value>/<metric>`` keys).
+
+    Columns are ``<benchmark> <tag>=<value>``; empty when no record carries slices.
+    """
+    rows = []
+    for rec in records:
+        method = rec["method"]
+        for key, value in rec["metrics"].items():
+            parts = key.split("/")
+            if len(parts) != 4 or parts[1] != "slice" or parts[3] == "n":
+                continue
+            rows.append({
+                "model": rec["model"].get("name", rec["model"].get("id")),
+                "protocol": rec["protocol"],
+                "method": method.get("label", method["name"]),
+                "retention": _retention_label(method.get("retention")),
+                "slice": f"{parts[0]} {parts[2]}",
+                "value": value,
+                "created": rec.get("created", ""),
+            })  # fmt: skip
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    index = ["model", "protocol", "method", "retention"]
+    frame = frame.sort_values("created").drop_duplicates([*index, "slice"], keep="last")
+    table = frame.pivot_table(index=index, columns="slice", values="value", aggfunc="first")
+    return table.reset_index()
+
+
 def efficiency_table(frame: pd.DataFrame) -> pd.DataFrame:
     cols = [
         "model",
@@ -146,15 +178,19 @@ def plot_benchmarks(frame: pd.DataFrame, out: Path) -> list[Path]:
 
 def write_tables(root: Path, out: Path) -> dict[str, Any]:
     """Aggregate every record under ``root`` into ``out``; returns the frames and plot paths."""
-    frame = records_frame(load_records(root))
+    records = load_records(root)
+    frame = records_frame(records)
     if frame.empty:
         raise SystemExit(f"no results.json found under {root}; run an evaluation first")
     acc = accuracy_table(frame)
     eff = efficiency_table(frame)
+    slices = slice_table(records)
     _write(acc, out, "accuracy")
     _write(eff, out, "efficiency")
+    if not slices.empty:
+        _write(slices, out, "slices")
     plots = plot_benchmarks(frame, out / "plots")
-    return {"frame": frame, "accuracy": acc, "efficiency": eff, "plots": plots}
+    return {"frame": frame, "accuracy": acc, "efficiency": eff, "slices": slices, "plots": plots}
 
 
 def main(argv: list[str] | None = None) -> None:

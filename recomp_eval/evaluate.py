@@ -28,6 +28,7 @@ from recomp_eval.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 STAGES = ("vision", "text", "compression", "prefill", "decode")
+SLICE_TAGS = ("size", "family", "near_large")
 PRIMARY_NAMES = {
     "gqa": ("accuracy",),
     "vqav2": ("accuracy",),
@@ -292,6 +293,7 @@ class Evaluation:
         metrics = score(bench, rows, self.protocol, metrics=metric_names)
         metrics.update(self.loyalty(spec, rows))
         primary = self.primary_metric_key(metrics, bench, self.protocol)
+        metrics.update(self.slices(rows, primary, metric_names))
         kept = [float(r["kept_tokens"]) for r in rows]
         timed = [r for r in rows if not r.get("warmup")] or rows
         # stage times are per batch; a sample's share is the batch time over the batch size
@@ -364,6 +366,39 @@ class Evaluation:
             if key in metrics:
                 return key
         raise KeyError(f"no primary metric for {bench} among {sorted(metrics)}")
+
+    def slices(
+        self, rows: list[dict[str, Any]], primary: str, metric_names: list[str] | None
+    ) -> dict[str, float]:
+        """The primary metric per tag value when the data folder ships ``tags.parquet``.
+
+        SynthVQA tags every question with the size of the object it asks about and its family,
+        so results can be sliced (e.g. small objects next to a large salient one). Keys:
+        ``benchmark/slice/<tag>=<value>/<metric>``.
+        """
+        from recomp_eval.metrics import score
+
+        data_dir = self.bench_cfg.get("data_dir")
+        if not data_dir or not (Path(data_dir) / "tags.parquet").exists():
+            return {}
+        from recomp_eval.synth.writers import read_tags
+
+        tags = read_tags(data_dir)
+        bench = self.benchmark.name
+        metric = primary.split("/", 1)[1]
+        out: dict[str, float] = {}
+        for tag in SLICE_TAGS:
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for row in rows:
+                value = tags.get(row["sample_id"], {}).get(tag)
+                if value is not None:
+                    groups.setdefault(str(value), []).append(row)
+            for value, subset in sorted(groups.items()):
+                scored = score(bench, subset, self.protocol, metrics=metric_names)
+                if primary in scored:
+                    out[f"{bench}/slice/{tag}={value}/{metric}"] = scored[primary]
+                    out[f"{bench}/slice/{tag}={value}/n"] = float(len(subset))
+        return out
 
     def flops(self, method: BuiltMethod, rows: list[dict[str, Any]]) -> dict[str, float]:
         config = self.bundle.model.config

@@ -228,3 +228,21 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2
     assert "prefetch" in out and "Traceback" not in out, out
+
+
+def test_synth_tags_slice_the_results(tmp_path: Path, bundle) -> None:
+    from recomp_eval.synth.writers import write_benchmark
+
+    data = write_benchmark("gqa", tmp_path / "synth", n_images=6)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(
+            config_name="eval",
+            overrides=["benchmark=gqa", f"benchmark.data_dir={data}", f"paths.root={tmp_path}",
+                       "runner.max_new_tokens=2"],
+        )  # fmt: skip
+    (rec,) = evaluate(cfg, bundle)
+    sizes = {k: v for k, v in rec.metrics.items() if k.startswith("gqa/slice/size=")}
+    counts = [v for k, v in sizes.items() if k.endswith("/n")]
+    assert sum(counts) == rec.samples["evaluated"] and "gqa/slice/size=small/n" in sizes
+    table = write_tables(tmp_path / "raw", tmp_path / "tables")["slices"]
+    assert "gqa size=small" in table.columns
