@@ -14,10 +14,17 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install lint format test test-all test-gpu bench tables sweep fixtures clean
+.PHONY: help eval install lint format test test-all test-gpu bench tables sweep fixtures clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+DEMO_ROOT ?= results/demo
+DEMO_BENCHMARKS ?= gqa,vqav2,textvqa,pope,mme
+eval: $(VENV)/.installed ## offline demo: every method on SynthVQA with synth-llava (CPU, minutes)
+	$(PY) scripts/make_synth.py --out $(DEMO_ROOT)/synth --skip-existing
+	$(VENV)/bin/recomp-eval -m experiment=synth_demo benchmark=$(DEMO_BENCHMARKS) paths.root=$(DEMO_ROOT) $(ARGS)
+	$(VENV)/bin/recomp-eval-tables --root $(DEMO_ROOT)/raw --out $(DEMO_ROOT)/tables --slices
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)

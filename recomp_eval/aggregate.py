@@ -197,9 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("results"), help="folder to scan")
     parser.add_argument("--out", type=Path, default=Path("results/tables"), help="output folder")
+    parser.add_argument("--slices", action="store_true", help="also print the slices table")
     args = parser.parse_args(argv)
     result = write_tables(args.root, args.out)
     print(result["accuracy"].to_markdown(index=False, floatfmt=".2f"))
+    if args.slices and not result["slices"].empty:
+        print("\nBy slice (primary metric):\n")
+        print(result["slices"].to_markdown(index=False, floatfmt=".2f"))
     print(f"\nwrote tables and plots to {args.out}")
 
 

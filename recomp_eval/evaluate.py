@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recomp_eval import keepmap
+from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.efficiency.flops import DecoderShape, prefill_flops, vit_flops
 from recomp_eval.methods import BuiltMethod, build_method, check_retention
 from recomp_eval.records import RunRecord, environment, stable_hash, write_json_atomic
@@ -58,7 +59,7 @@ def load_model(model_cfg: DictConfig | dict[str, Any]):
     from recomp_eval.models.tiny import build_tiny
 
     cfg = dict(model_cfg)
-    model_id = str(build_tiny()) if cfg["id"] == "tiny" else os.path.expanduser(str(cfg["id"]))
+    model_id = str(build_tiny()) if cfg["id"] == "tiny" else resolve_local(str(cfg["id"]))
     device = cfg.get("device", "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
@@ -72,6 +73,15 @@ def load_model(model_cfg: DictConfig | dict[str, Any]):
         attn_implementation=cfg.get("attn_implementation", "sdpa"),
         clip_text_id=cfg.get("clip_text_id"),
     )
+
+
+def resolve_local(model_id: str) -> str:
+    """A relative folder is looked up in the working directory, then in the repository."""
+    path = Path(os.path.expanduser(model_id))
+    if path.is_absolute() or path.exists():
+        return str(path)
+    in_repo = CONFIG_DIR.parent / path
+    return str(in_repo) if in_repo.exists() else model_id  # else: a hub id
 
 
 def expand_runs(cfg: DictConfig) -> list[RunSpec]:
