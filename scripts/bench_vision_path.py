@@ -157,19 +157,29 @@ def release_path(model, clip_text, pixels, prompt_ids, tok) -> list[torch.Tensor
     return outs
 
 
-def _time(fn, device: str, warmup: int, reps: int) -> tuple[float, dict[str, float]]:
-    totals, stages = [], []
+def _time_interleaved(
+    cases: dict, device: str, warmup: int, reps: int
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """Median total and per-stage ms of every case, timed round-robin (case A, B, C, A, B, C, ...)
+    so that drift in machine load affects all cases alike."""
+    totals: dict[str, list[float]] = {k: [] for k in cases}
+    stages: dict[str, list[dict[str, float]]] = {k: [] for k in cases}
     for r in range(warmup + reps):
-        timer = StageTimer(device)
-        start = timer.mark()
-        fn(timer)
-        timer.add("total", start, timer.mark())
-        res = timer.results_ms()
-        if r >= warmup:
-            totals.append(res.pop("total"))
-            stages.append(res)
-    med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
-    return statistics.median(totals), med
+        for label, fn in cases.items():
+            timer = StageTimer(device)
+            start = timer.mark()
+            fn(timer)
+            timer.add("total", start, timer.mark())
+            res = timer.results_ms()
+            if r >= warmup:
+                totals[label].append(res.pop("total"))
+                stages[label].append(res)
+    out = {}
+    for label in cases:
+        keys = stages[label][0] if stages[label] else {}
+        med = {k: statistics.median(s[k] for s in stages[label]) for k in keys}
+        out[label] = (statistics.median(totals[label]), med)
+    return out
 
 
 def main() -> None:
@@ -219,10 +229,9 @@ def main() -> None:
         cases["release_recreation"] = lambda timer, pixels=pixels, ids=prompt_ids: release_path(
             model, clip_text, pixels, ids, tok
         )
-        base = None
-        for label, fn in cases.items():
-            total, stages = _time(fn, args.device, args.warmup, args.reps)
-            base = total if label == "vanilla_tower" else base
+        timed = _time_interleaved(cases, args.device, args.warmup, args.reps)
+        base = timed["vanilla_tower"][0]
+        for label, (total, stages) in timed.items():
             rows.append(
                 {
                     "batch": b,
