@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,22 +20,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from recomp_eval import keepmap
 from recomp_eval.config_path import CONFIG_DIR
-from recomp_eval.efficiency.flops import DecoderShape, prefill_flops, vit_flops
 from recomp_eval.methods import BuiltMethod, build_method, check_retention
 from recomp_eval.records import RunRecord, environment, stable_hash, write_json_atomic
 from recomp_eval.runner import PendingSample, SampleStore, run_loop
+from recomp_eval.summary import (
+    flops_summary,
+    latency_summary,
+    num_patches,
+    peak_memory,
+    primary_metric_key,
+    slice_metrics,
+)
 from recomp_eval.tracking import make_tracker
 
 log = logging.getLogger(__name__)
-STAGES = ("vision", "text", "compression", "prefill", "decode")
-SLICE_TAGS = ("size", "family", "near_large")
-PRIMARY_NAMES = {
-    "gqa": ("accuracy",),
-    "vqav2": ("accuracy",),
-    "textvqa": ("accuracy",),
-    "pope": ("f1_mean", "f1"),
-    "mme": ("perception",),
-}
 
 
 @dataclass
@@ -121,21 +118,6 @@ def build_benchmark(bench_cfg: dict[str, Any], limit: int | None = None):
     if "_target_" not in cfg:
         raise ValueError(f"benchmark config {cfg.get('name')!r} has no _target_ class")
     return instantiate(cfg, _convert_="all")
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"median": float("nan"), "p90": float("nan"), "mean": float("nan")}
-    ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, int(0.9 * (len(ordered) - 1) + 0.5))]
-    return {"median": statistics.median(ordered), "p90": p90, "mean": statistics.fmean(ordered)}
-
-
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"total": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return {"total": rss, "kind": "host_rss"}
 
 
 class Evaluation:
@@ -302,19 +284,12 @@ class Evaluation:
         )
         metrics = score(bench, rows, self.protocol, metrics=metric_names)
         metrics.update(self.loyalty(spec, rows))
-        primary = self.primary_metric_key(metrics, bench, self.protocol)
-        metrics.update(self.slices(rows, primary, metric_names))
+        primary = primary_metric_key(metrics, bench, self.protocol)
+        data_dir = self.bench_cfg.get("data_dir")
+        metrics.update(slice_metrics(rows, bench, self.protocol, primary, metric_names, data_dir))
         kept = [float(r["kept_tokens"]) for r in rows]
-        timed = [r for r in rows if not r.get("warmup")] or rows
-        # stage times are per batch; a sample's share is the batch time over the batch size
-        # (exact per-sample latency needs runner.batch_size=1, as experiment=latency sets)
-        share = lambda r, stage: r["timings_ms"].get(stage, 0.0) / max(1, r["batch_size"])  # noqa: E731
-        latency = {s: _stats([share(r, s) for r in timed]) for s in STAGES}
-        latency["batch_size"] = {"max": float(max((r["batch_size"] for r in rows), default=0))}
-        latency["decode_per_token"] = _stats(
-            [r["timings_ms"].get("decode", 0.0) / max(1, r["new_tokens"] - 1) for r in timed]
-        )
-        flops = self.flops(method, rows)
+        latency = latency_summary(rows)
+        flops = flops_summary(self.bundle.model.config, method, rows)
         report = self.benchmark.report()
         n_total = len(rows) + report.get("n_skipped", 0)
         reportable = self.cfg.get("limit") is None and self.bundle.device.type == "cuda"
@@ -359,87 +334,10 @@ class Evaluation:
                 "first_prompt": prompt,
             },
             reportable=reportable,
-            peak_memory_mb=_peak_memory(self.bundle.device),
+            peak_memory_mb=peak_memory(self.bundle.device),
             env=environment(str(self.bundle.device)),
             config=OmegaConf.to_container(self.cfg, resolve=True),  # type: ignore[arg-type]
         )
-
-    @staticmethod
-    def primary_metric_key(metrics: dict[str, float], bench: str, protocol: str) -> str:
-        """The headline number: accuracy, POPE mean F1 over splits (or pooled F1), MME perception."""
-        from recomp_eval.metrics.registry import METRICS
-        from recomp_eval.metrics.scoring import DEFAULT_METRICS
-
-        spec = METRICS.get(DEFAULT_METRICS[bench][protocol][0])
-        for name in PRIMARY_NAMES[bench]:
-            key = spec.key(bench, name)
-            if key in metrics:
-                return key
-        raise KeyError(f"no primary metric for {bench} among {sorted(metrics)}")
-
-    def slices(
-        self, rows: list[dict[str, Any]], primary: str, metric_names: list[str] | None
-    ) -> dict[str, float]:
-        """The primary metric per tag value when the data folder ships ``tags.parquet``.
-
-        SynthVQA tags every question with the size of the object it asks about and its family,
-        so results can be sliced (e.g. small objects next to a large salient one). Keys:
-        ``benchmark/slice/<tag>=<value>/<metric>``.
-        """
-        from recomp_eval.metrics import score
-
-        data_dir = self.bench_cfg.get("data_dir")
-        if not data_dir or not (Path(data_dir) / "tags.parquet").exists():
-            return {}
-        from recomp_eval.synth.writers import read_tags
-
-        tags = read_tags(data_dir)
-        bench = self.benchmark.name
-        metric = primary.split("/", 1)[1]
-        out: dict[str, float] = {}
-        for tag in SLICE_TAGS:
-            groups: dict[str, list[dict[str, Any]]] = {}
-            for row in rows:
-                value = tags.get(row["sample_id"], {}).get(tag)
-                if value is not None:
-                    groups.setdefault(str(value), []).append(row)
-            for value, subset in sorted(groups.items()):
-                scored = score(bench, subset, self.protocol, metrics=metric_names)
-                if primary in scored:
-                    out[f"{bench}/slice/{tag}={value}/{metric}"] = scored[primary]
-                    out[f"{bench}/slice/{tag}={value}/n"] = float(len(subset))
-        return out
-
-    def flops(self, method: BuiltMethod, rows: list[dict[str, Any]]) -> dict[str, float]:
-        config = self.bundle.model.config
-        shape = DecoderShape.from_config(config.text_config)
-        per_sample = {"swiglu": [], "fastv": []}
-        llm = method.llm
-        for r in rows:
-            text = int(r["text_tokens"])
-            if llm is not None:
-                from recomp_eval.llm_methods.fastv import kept_count
-
-                n_img = round(r.get("n_image_tokens") or self.num_patches())
-                keep = kept_count(n_img, llm)
-                k = min(llm.k_layer, shape.layers)
-                counts = [text + n_img] * k + [text + keep] * (shape.layers - k)
-            else:
-                counts = text + round(float(r["kept_tokens"]))
-            for formula in per_sample:
-                per_sample[formula].append(prefill_flops(counts, shape, formula) / 1e12)  # type: ignore[arg-type]
-        vit = vit_flops(config.vision_config, passes=method.spec.vit_passes) / 1e12
-        mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
-        return {
-            "prefill_tflops": mean(per_sample["swiglu"]),
-            "prefill_tflops_fastv_formula": mean(per_sample["fastv"]),
-            "vision_tflops": vit,
-            "formula": "swiglu: 2*(4nd^2 + 2n^2d + 3ndm) per layer (GQA-aware QKVO); fastv: 2ndm FFN",
-        }
-
-    def num_patches(self) -> int:
-        vc = self.bundle.model.config.vision_config
-        return (vc.image_size // vc.patch_size) ** 2
 
     def loyalty(self, spec: RunSpec, rows: list[dict[str, Any]]) -> dict[str, float]:
         """Loyalty metrics against the uncompressed run of the same setting, when it exists."""
@@ -498,7 +396,7 @@ def log_samples(tracker, evaluation: Evaluation, spec: RunSpec, record: RunRecor
     key = record.run_key
     store = SampleStore(evaluation.run_dir(spec, key) / "samples.jsonl")
     rows_by_id = store.load()
-    grid = round(evaluation.num_patches() ** 0.5)
+    grid = round(num_patches(evaluation.bundle.model.config) ** 0.5)
     table = []
     for sample in evaluation.benchmark:
         row = rows_by_id.get(sample.sample_id)
