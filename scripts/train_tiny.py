@@ -339,7 +339,7 @@ def run_stage1(args, work: Path) -> None:
     text = tok(DESCRIPTIONS, padding=True, return_tensors="pt")
     total, crop = args.s1_steps, args.s1_crop
     full_from = int(total * (1 - args.s1_full_share))
-    last_save, t0, hist = time.time(), time.time(), []
+    last_save, t0, hist, start = time.time(), time.time(), [], step
     model.train()
     while step < total:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -371,7 +371,7 @@ def run_stage1(args, work: Path) -> None:
         if step % args.log_every == 0 or step == total:
             avg = {k: sum(h[k] for h in hist) / len(hist) for k in hist[0]}
             hist = []
-            rate = step / max(1e-9, time.time() - t0)
+            rate = (step - start) / max(1e-9, time.time() - t0)
             log(f"s1 step {step}/{total} full={full} " + " ".join(
                 f"{k}={v:.3f}" for k, v in avg.items()) + f" ({rate:.2f} step/s)")  # fmt: skip
         if time.time() - last_save > args.save_every or step == total:
@@ -505,7 +505,10 @@ def run_stage2(args, work: Path) -> None:
     flat = feats.float().flatten(0, 1)  # [n*576,C]
     mean, std = flat.mean(0), flat.std(0).clamp(min=1e-4)
     log(f"stage 2: {feats.shape[0]} feature maps cached; vocab {len(tok)}")
-    L.train(args, work, llava, tok, feats, mean, std)
+    if args.stage == "save":  # export the latest stage-2 checkpoint as it is
+        llava.load_state_dict(torch.load(work / "stage2.pt")["model"])
+    else:
+        L.train(args, work, llava, tok, feats, mean, std, data["labels"])
     fold_normalisation(llava, mean, std)
     save_model(args, llava, tok, stage1, clip_tok, s1, Path(args.out))
 
@@ -527,11 +530,11 @@ def parse_args(argv=None):
     p.add_argument("--vit-heads", type=int, default=4)
     p.add_argument("--text-width", type=int, default=64)
     p.add_argument("--proj-dim", type=int, default=64)
-    p.add_argument("--s1-scenes", type=int, default=4000)
-    p.add_argument("--s1-steps", type=int, default=1500)
+    p.add_argument("--s1-scenes", type=int, default=6000)
+    p.add_argument("--s1-steps", type=int, default=2000)
     p.add_argument("--s1-batch", type=int, default=32)
     p.add_argument("--s1-batch-full", type=int, default=8)
-    p.add_argument("--s1-crop", type=int, default=12, help="crop side in patches")
+    p.add_argument("--s1-crop", type=int, default=10, help="crop side in patches")
     p.add_argument("--s1-full-share", type=float, default=0.1)
     p.add_argument("--s1-lr", type=float, default=2e-3)
     p.add_argument("--s1-warmup", type=int, default=100)
@@ -539,12 +542,13 @@ def parse_args(argv=None):
     p.add_argument("--llm-width", type=int, default=128)
     p.add_argument("--llm-layers", type=int, default=4)
     p.add_argument("--llm-heads", type=int, default=4)
-    p.add_argument("--s2-images", type=int, default=2000)
-    p.add_argument("--s2-steps", type=int, default=600)
+    p.add_argument("--s2-images", type=int, default=3000)
+    p.add_argument("--s2-steps", type=int, default=1400)
     p.add_argument("--s2-batch", type=int, default=2)
-    p.add_argument("--s2-questions", type=int, default=28, help="question blocks per image")
+    p.add_argument("--s2-questions", type=int, default=40, help="question blocks per image")
     p.add_argument("--s2-lr", type=float, default=2e-3)
     p.add_argument("--s2-warmup", type=int, default=30)
+    p.add_argument("--s2-aux", type=float, default=0.5, help="patch-word auxiliary loss weight")
     return p.parse_args(argv)
 
 
@@ -560,7 +564,7 @@ def main(argv=None) -> None:
         (work / "s1_args.json").write_text(json.dumps(vars(args), indent=1))
     if args.stage in ("all", "1"):
         run_stage1(args, work)
-    if args.stage in ("all", "2"):
+    if args.stage in ("all", "2", "save"):
         run_stage2(args, work)
 
 

@@ -148,8 +148,27 @@ def collate(examples, pad_id: int):
     return t
 
 
-def stage2_loss(llava, feats_norm, batch):
-    """Answer-token cross-entropy. feats_norm: [B,576,C] standardised layer -2 features."""
+def patch_word_targets(tok, labels: torch.Tensor) -> torch.Tensor:
+    """Per-patch answer words [B,576,2] (colour word id, shape word id; IGNORE off objects).
+
+    labels: [B,576,5] stage-1 patch labels (colour, shape, size, char, description).
+    """
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids(list(T.COLOURS)))  # [6]
+    shape_ids = torch.tensor(tok.convert_tokens_to_ids(list(S.SHAPES)))  # [4]
+    c, s = labels[..., 0].long(), labels[..., 1].long()  # [B,576]
+    on = (s >= 0) & (s < len(S.SHAPES))
+    cw = torch.where(on, colour_ids[c.clamp(0, len(T.COLOURS) - 1)], T.IGNORE)
+    sw = torch.where(on, shape_ids[s.clamp(0, len(S.SHAPES) - 1)], T.IGNORE)
+    return torch.stack([cw, sw], dim=-1)
+
+
+def stage2_loss(llava, feats_norm, batch, patch_words=None, aux_weight: float = 0.0):
+    """Answer-token cross-entropy (+ optional auxiliary patch-word loss).
+
+    feats_norm: [B,576,C] standardised layer -2 features. patch_words: [B,576,2] word ids the
+    final state of each image token should predict through ``lm_head`` (its object's colour and
+    shape words): an AUXILIARY loss that puts answer words into the visual tokens' states.
+    """
     lm = llava.model.language_model
     emb = lm.embed_tokens(batch["ids"])  # [B,L,E]
     img = llava.model.multi_modal_projector(feats_norm)  # [B,576,E]
@@ -161,6 +180,15 @@ def stage2_loss(llava, feats_norm, batch):
     logits = llava.lm_head(hidden[sel])  # [M,V]
     target = batch["labels"][sel]
     loss = F.cross_entropy(logits, target)
+    if patch_words is not None and aux_weight > 0:
+        h_img = hidden[batch["img"]]  # [B*576,E] raster order per sample
+        words = patch_words.reshape(-1, 2)  # [B*576,2]
+        keep = words[:, 0] != T.IGNORE
+        img_logits = llava.lm_head(h_img[keep])  # [K,V]
+        aux = F.cross_entropy(img_logits, words[keep, 0]) + F.cross_entropy(
+            img_logits, words[keep, 1]
+        )
+        loss = loss + aux_weight * aux
     return loss, (logits.argmax(-1) == target).float().mean().item()
 
 
@@ -171,7 +199,7 @@ def lr_at(step, total, base, warmup, floor=0.05):
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(args, work: Path, llava, tok, feats, mean, std) -> None:
+def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
     opt = torch.optim.AdamW(
         [p for n, p in llava.named_parameters() if "vision_tower" not in n],
         lr=args.s2_lr,
@@ -187,7 +215,7 @@ def train(args, work: Path, llava, tok, feats, mean, std) -> None:
         T.log(f"resumed stage 2 at step {step}")
     n_img = feats.shape[0]
     total, bs = args.s2_steps, args.s2_batch
-    last_save, t0, hist = time.time(), time.time(), []
+    last_save, t0, hist, start = time.time(), time.time(), [], step
     llava.train()
     while step < total:
         g = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
@@ -197,7 +225,8 @@ def train(args, work: Path, llava, tok, feats, mean, std) -> None:
         fn = (feats[idx].float() - mean) / std  # [B,576,C]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, args.s2_lr, args.s2_warmup)
-        loss, acc = stage2_loss(llava, fn, batch)
+        words = patch_word_targets(tok, labels[idx])
+        loss, acc = stage2_loss(llava, fn, batch, words, args.s2_aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
@@ -207,7 +236,7 @@ def train(args, work: Path, llava, tok, feats, mean, std) -> None:
         if step % args.log_every == 0 or step == total:
             ls, ac = np.mean([h[0] for h in hist]), np.mean([h[1] for h in hist])
             hist = []
-            rate = (time.time() - t0) / max(1, step)
+            rate = (time.time() - t0) / max(1, step - start)
             T.log(f"s2 step {step}/{total} loss={ls:.3f} tok_acc={ac:.3f} ({rate:.2f} s/step)")
         if time.time() - last_save > args.save_every or step == total:
             T.save_ckpt(ckpt, model=llava.state_dict(), opt=opt.state_dict(), step=step)
