@@ -543,7 +543,7 @@ def parse_args(argv=None):
     p.add_argument("--llm-layers", type=int, default=4)
     p.add_argument("--llm-heads", type=int, default=4)
     p.add_argument("--s2-images", type=int, default=3000)
-    p.add_argument("--s2-steps", type=int, default=1400)
+    p.add_argument("--s2-steps", type=int, default=2800)
     p.add_argument("--s2-batch", type=int, default=2)
     p.add_argument("--s2-questions", type=int, default=40, help="question blocks per image")
     p.add_argument("--s2-lr", type=float, default=2e-3)

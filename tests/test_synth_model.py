@@ -53,7 +53,6 @@ def test_loads_offline_with_harness_shapes(bundle):
     assert emb.shape == (1, clip.visual_projection.out_features)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", EVERY_METHOD)
 def test_every_method_runs(bundle, name):
     from recomp_eval.benchmarks.prompts import SHORT_ANSWER
