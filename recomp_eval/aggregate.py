@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     result = write_tables(args.root, args.out)
     print(result["accuracy"].to_markdown(index=False, floatfmt=".2f"))
     if args.slices and not result["slices"].empty:
-        print("\nBy slice (primary metric):\n")
-        print(result["slices"].to_markdown(index=False, floatfmt=".2f"))
+        table = result["slices"]
+        cols = [c for c in table.columns if "size=" in c and "size=none" not in c]
+        print("\nBy size of the object asked about (all slices in slices.md):\n")
+        print(table[["method", "retention", *cols]].to_markdown(index=False, floatfmt=".2f"))
     print(f"\nwrote tables and plots to {args.out}")
 
 

@@ -35,7 +35,7 @@ def _app(cfg: DictConfig) -> None:
     for record in records:
         headline = record.metrics.get(record.primary_metric, float("nan"))
         log.info(
-            "%s %s retention=%s: %s=%.4f, kept tokens %.1f, prefill %.3f TFLOPs",
+            "%s %s retention=%s: %s=%.4f, kept tokens %.1f, prefill %.3g TFLOPs",
             record.benchmark["name"],
             record.method["label"],
             record.method["retention"],
