@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from recomp_eval.models.tiny import CLIP_MEAN, CLIP_STD
 from recomp_eval.synth import scenes as S
 
 GRID = S.IMAGE_SIZE // S.PATCH  # 24
@@ -72,8 +73,6 @@ PATCH_HEADS = {
 }
 HEAD_WEIGHTS = {"colour": 1.0, "shape": 2.0, "size": 1.0, "char": 0.5}
 N_PAIRS = len(COLOURS) * len(S.SHAPES)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def log(msg: str) -> None:
@@ -450,12 +449,9 @@ def fold_normalisation(llava, mean: torch.Tensor, std: torch.Tensor) -> None:
 
 
 def save_model(args, llava, tok, stage1: Stage1, clip_tok, s1, out: Path) -> None:
-    import train_tiny_llava as L
     from transformers import (
         CLIPConfig,
-        CLIPImageProcessorPil,
         CLIPModel,
-        LlavaProcessor,
     )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -463,21 +459,9 @@ def save_model(args, llava, tok, stage1: Stage1, clip_tok, s1, out: Path) -> Non
     llava.generation_config.eos_token_id = tok.eos_token_id
     llava.eval().save_pretrained(out)
     tok.save_pretrained(out)
-    side = S.IMAGE_SIZE
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=S.PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=L.CHAT_TEMPLATE,
-    )
+    from recomp_eval.models.tiny import build_processor
+
+    processor = build_processor(tok, S.IMAGE_SIZE, S.PATCH)
     processor.save_pretrained(out)
     cfg = CLIPConfig(
         text_config=stage1.text.config.to_dict(),

@@ -18,6 +18,7 @@ from recomp_eval.benchmarks.prompts import MME_BUILTIN_SUFFIX
 from recomp_eval.benchmarks.prompts import render_prompt as user_text
 from recomp_eval.models.conversation import VICUNA_V1_SYSTEM
 from recomp_eval.models.conversation import render_prompt as full_prompt
+from recomp_eval.models.tiny import CHAT_TEMPLATE
 from recomp_eval.synth import questions as Q
 from recomp_eval.synth import scenes as S
 from recomp_eval.synth.builders import ocr_tokens
@@ -26,14 +27,6 @@ LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 PROTOCOL_SHARE = {"llava15": 0.7, "lmms_eval": 0.3}
 STRATEGIES = ("random", "popular", "adversarial")
 GATE_FAMILIES = ("colour", "shape", "exist", "relation", "ocr_ref")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %} "
-    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 def scene_questions(seed: int, index: int, scene: S.Scene) -> list[tuple[str, str, str]]:

@@ -117,17 +117,38 @@ def _scale_(model: torch.nn.Module, factor: float) -> None:
                 p.mul_(factor)
 
 
+def build_processor(tokenizer, image_size: int, patch_size: int):
+    """A ``LlavaProcessor`` as llava-hf ships it (CLS counted, CLIP normalisation, chat template).
+
+    Uses ``CLIPImageProcessorPil``: the torchvision-backed class cannot load next to the CPU torch.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def _build(spec: TinySpec, folder: Path) -> None:
     from transformers import (
         CLIPConfig,
-        CLIPImageProcessorPil,
         CLIPModel,
         CLIPTextConfig,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
 
     torch.manual_seed(spec.seed)
@@ -167,22 +188,7 @@ def _build(spec: TinySpec, folder: Path) -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)
 
-    side = spec.image_size
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(folder)
+    build_processor(tok, spec.image_size, spec.patch_size).save_pretrained(folder)
 
     # CLIP text tower + visual projection; the vision half copies LLaVA's tower (as in OpenAI's).
     clip_tok = _clip_tokenizer(spec.vocab_size)
