@@ -185,9 +185,7 @@ class Evaluation:
     def pending(self, done: dict[str, Any]) -> Iterator[PendingSample]:
         from recomp_eval.benchmarks.prompts import user_prompt
 
-        for sample in self.benchmark:
-            if sample.sample_id in done:
-                continue
+        for sample in self.benchmark.iterate(skip=done.keys()):
             yield PendingSample(
                 sample.sample_id, sample, user_prompt(sample, self.protocol), "default"
             )

@@ -246,3 +246,18 @@ def test_synth_tags_slice_the_results(tmp_path: Path, bundle) -> None:
     assert sum(counts) == rec.samples["evaluated"] and "gqa/slice/size=small/n" in sizes
     table = write_tables(tmp_path / "raw", tmp_path / "tables")["slices"]
     assert "gqa size=small" in table.columns
+
+
+def test_resume_skips_done_samples_before_decoding(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from recomp_eval.evaluate import build_benchmark
+
+    data = write_fixture("pope", tmp_path, bad=True)
+    cfg = config(tmp_path, tmp_path / "out", "pope", f"benchmark.data_dir={data}")
+    bench = build_benchmark(OmegaConf.to_container(cfg.benchmark, resolve=True))
+    all_ids = [s.sample_id for s in bench]
+    bad_ids = {b.sample_id for b in bench.bad}
+    assert bad_ids  # the fixture's bad records are screened out when iterated normally
+    rest = [s.sample_id for s in bench.iterate(skip=bad_ids | set(all_ids[:2]))]
+    assert rest == all_ids[2:] and not bench.bad  # skipped ids were never decoded or screened

@@ -9,7 +9,7 @@ other non-RGB images are converted and listed too.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -201,6 +201,11 @@ class HubBenchmark:
         return load
 
     def __iter__(self) -> Iterator[Sample]:
+        return self.iterate()
+
+    def iterate(self, skip: Collection[str] = ()) -> Iterator[Sample]:
+        """Samples in order; ids in ``skip`` (already done on resume) are passed over before
+        their image is decoded or screened."""
         self._ensure_loaded()
         self.bad, self.converted = [], {}
         seen: set[str] = set()
@@ -212,6 +217,8 @@ class HubBenchmark:
             if sample.sample_id in seen:
                 raise ValueError(f"{self.name}: duplicate sample_id {sample.sample_id!r}")
             seen.add(sample.sample_id)
+            if sample.sample_id in skip:
+                continue
             reason = self._screen(sample)
             if reason is not None:
                 self.bad.append(BadSample(sample.sample_id, *reason))
