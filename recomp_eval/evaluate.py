@@ -205,10 +205,7 @@ class Evaluation:
             stop=tuple(self.settings.get("stop") or ()),
         )
         rows = []
-        image_token = self.bundle.image_token_id
         for pending, res in zip(batch, results):
-            prompt_ids = self.bundle.tokenizer(res.prompt)["input_ids"]
-            text_tokens = sum(1 for t in prompt_ids if t != image_token)
             codes = None
             if res.compressed is not None:
                 c = res.compressed
@@ -221,7 +218,7 @@ class Evaluation:
                     "meta": pending.sample.meta,
                     "prediction": res.text,
                     "kept_tokens": res.kept_tokens,
-                    "text_tokens": text_tokens,
+                    "text_tokens": res.text_tokens,
                     "new_tokens": len(res.new_token_ids),
                     "timings_ms": res.timings,
                     "batch_size": res.batch_size,

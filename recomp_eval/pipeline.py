@@ -49,6 +49,7 @@ class GenerationResult:
     timings: dict[str, float]
     batch_size: int
     prompt: str
+    text_tokens: int = 0  # prompt tokens other than the image placeholder
     compressed: Compressed | None = None
     new_token_ids: list[int] = field(default_factory=list)
     logits: torch.Tensor | None = None  # [new, V], only with output_logits=True
@@ -204,6 +205,7 @@ def generate(
             timings=dict(timings),
             batch_size=b,
             prompt=batch.prompts[i],
+            text_tokens=sum(1 for t in batch.prompt_ids[i] if t != bundle.image_token_id),
             compressed=compressed_cpu.sample(i),
             new_token_ids=new_tokens[i].tolist(),
             logits=None if logits is None else torch.stack([x[i] for x in logits]).cpu(),

@@ -87,6 +87,10 @@ def test_every_method_runs_end_to_end(data_root: Path, tmp_path: Path, bundle) -
     assert "pope/loyalty/agreement" in by_label[("fastervlm", 0.25)].metrics
     rows = samples_of(by_label[("recomp", 0.25)])
     assert all(len(r["keep_map"]) == n_patches for r in rows.values())
+    for row in rows.values():  # text tokens feed the FLOPs: every prompt token but <image>
+        if row["prompt"]:
+            ids = bundle.tokenizer(row["prompt"])["input_ids"]
+            assert row["text_tokens"] == len(ids) - ids.count(bundle.image_token_id) > 0
 
 
 @pytest.mark.parametrize("bench", BENCHMARKS)
