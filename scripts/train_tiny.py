@@ -400,6 +400,9 @@ def build_llava(args, s1, tok, stage1: Stage1):
         num_attention_heads=args.llm_heads,
         num_key_value_heads=args.llm_heads,
         max_position_embeddings=2048,
+        # a long rotary period keeps most of the 32 query/key dims position-invariant across the
+        # ~600 image positions, so a question token can match patches by content alone
+        rope_parameters={"rope_type": "default", "rope_theta": args.llm_rope_theta},
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -526,13 +529,19 @@ def parse_args(argv=None):
     p.add_argument("--llm-width", type=int, default=128)
     p.add_argument("--llm-layers", type=int, default=4)
     p.add_argument("--llm-heads", type=int, default=4)
+    p.add_argument("--llm-rope-theta", type=float, default=1e6)
     p.add_argument("--s2-images", type=int, default=3000)
-    p.add_argument("--s2-steps", type=int, default=2800)
+    p.add_argument("--s2-steps", type=int, default=3000)
     p.add_argument("--s2-batch", type=int, default=2)
     p.add_argument("--s2-questions", type=int, default=40, help="question blocks per image")
     p.add_argument("--s2-lr", type=float, default=2e-3)
     p.add_argument("--s2-warmup", type=int, default=30)
     p.add_argument("--s2-aux", type=float, default=0.5, help="patch-word auxiliary loss weight")
+    p.add_argument("--s2-attn", type=float, default=1.0, help="grounding auxiliary loss weight")
+    p.add_argument("--s2-attn-layers", default="1,2", help="decoder layers whose head 0 is "
+                   "supervised to attend to the asked-about object")  # fmt: skip
+    p.add_argument("--s2-word-layers", default="0", help="decoder layers whose head 0 is "
+                   "supervised to attend to the question words naming the object")  # fmt: skip
     return p.parse_args(argv)
 
 

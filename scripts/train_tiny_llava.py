@@ -24,23 +24,26 @@ from recomp_eval.synth import scenes as S
 from recomp_eval.synth.builders import ocr_tokens
 
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+NAME_WORDS = {*S.COLOURS, *S.SHAPES, *S.SIZES}  # words that name an object in a question
 PROTOCOL_SHARE = {"llava15": 0.7, "lmms_eval": 0.3}
 STRATEGIES = ("random", "popular", "adversarial")
 GATE_FAMILIES = ("colour", "shape", "exist", "relation", "ocr_ref")
 
 
-def scene_questions(seed: int, index: int, scene: S.Scene) -> list[tuple[str, str, str]]:
-    """(benchmark, question, answer) for every question the harness could ask about a scene."""
+def scene_questions(seed: int, index: int, scene: S.Scene) -> list[tuple[str, str, str, str]]:
+    """(benchmark, question, answer, target) for every question the harness could ask about a
+    scene; ``target`` is the full description of the object the question is about ("" if none)."""
     rng = np.random.default_rng([seed, index, 2])
     out = [
-        ("textvqa" if q.family in ("ocr", "ocr_ref") else "gqa", q.question, q.answer)
+        ("textvqa" if q.family in ("ocr", "ocr_ref") else "gqa", q.question, q.answer, q.target)
         for q in Q.questions_for_scene(scene, rng)
     ]
     strategy = STRATEGIES[index % len(STRATEGIES)]
-    out += [("pope", q.question, q.answer) for q in Q.yes_no_questions(scene, rng, strategy, 6)]
-    for yes, no in Q.mme_pairs(scene, rng).values():
-        out += [("mme", yes.question, yes.answer), ("mme", no.question, no.answer)]
-    return out
+    out += [("pope", q.question, q.answer, q.target)
+            for q in Q.yes_no_questions(scene, rng, strategy, 6)]  # fmt: skip
+    for pair in Q.mme_pairs(scene, rng).values():
+        out += [("mme", q.question, q.answer, q.target) for q in pair]
+    return [(b, q, a, t or "") for b, q, a, t in out]
 
 
 def family_of(question: str) -> str:
@@ -58,7 +61,7 @@ def build_vocab(seed: int, n_scenes: int) -> list[str]:
     texts += [str(i) for i in range(20)] + ["yes no left right top bottom above below"]
     for i in range(n_scenes):
         scene = S.make_scene(seed, i)
-        texts += [q for _, q, _ in scene_questions(seed, i, scene)]
+        texts += [q for _, q, _, _ in scene_questions(seed, i, scene)]
     return T.words_of(texts)
 
 
@@ -82,7 +85,11 @@ def encode_block(tok, protocol: str, bench: str, question: str, answer: str, sce
 def make_example(tok, seed: int, index: int, visit: int, k: int):
     """One training sequence (image ``index``): prefix, image slot, ``k`` question blocks.
 
-    Returns (ids [L], is_image [L], block [L] (-1 prefix), positions [L], labels [L]).
+    Returns (ids [L], is_image [L], block [L] (-1 prefix), positions [L], labels [L],
+    query rows [k] (position predicting each block's first answer token), targets [k]
+    (``DESCRIPTIONS`` index of the object the block asks about, -1 if none), words [k] (positions
+    of the question words naming that object, or of the colour/shape asked about in an
+    existence question)).
     """
     scene = S.make_scene(seed, index)
     rng = np.random.default_rng([seed, index, visit])
@@ -92,9 +99,9 @@ def make_example(tok, seed: int, index: int, visit: int, k: int):
     order = list(rng.permutation(len(gate))) + [len(gate) + i for i in rng.permutation(len(qs))]
     pool = gate + qs
     picked = [pool[i] for i in order[:k]]
-    ids, is_img, block, labels = [], [], [], []
+    ids, is_img, block, labels, rows, targets, words = [], [], [], [], [], [], []
     prefix = None
-    for b, (bench, question, answer) in enumerate(picked):
+    for b, (bench, question, answer, target) in enumerate(picked):
         pre, suf, ans = encode_block(tok, protocol, bench, question, answer, scene)
         if prefix is None:
             prefix = pre
@@ -103,6 +110,13 @@ def make_example(tok, seed: int, index: int, visit: int, k: int):
             block += [-1] * (len(pre) + T.N_PATCH)
             labels += [T.IGNORE] * (len(pre) + T.N_PATCH)
         assert pre == prefix, "prompt prefix differs between questions"
+        rows.append(len(ids) + len(suf) - 1)
+        targets.append(T.DESCRIPTIONS.index(target) if target else -1)
+        naming = set(target.split()) if target else set()
+        if not naming and question.lower().startswith("is there"):
+            naming = NAME_WORDS
+        toks = tok.convert_ids_to_tokens(suf)
+        words.append([len(ids) + j for j, w in enumerate(toks) if w in naming])
         ids += suf + ans
         is_img += [False] * (len(suf) + len(ans))
         block += [b] * (len(suf) + len(ans))
@@ -116,14 +130,20 @@ def make_example(tok, seed: int, index: int, visit: int, k: int):
         else:
             offsets.setdefault(b, i)
             pos.append(base + i - offsets[b])
-    return ids, is_img, block, pos, labels
+    return ids, is_img, block, pos, labels, rows, targets, words
 
 
 def collate(examples, pad_id: int):
     """Right-pad to the longest; block mask [B,1,L,L] (additive float)."""
     n = max(len(e[0]) for e in examples)
     out = {k: [] for k in ("ids", "img", "block", "pos", "labels")}
-    for ids, img, block, pos, labels in examples:
+    k = max(len(e[5]) for e in examples)
+    out["rows"] = [e[5] + [0] * (k - len(e[5])) for e in examples]  # [B,K]
+    out["targets"] = [e[6] + [-1] * (k - len(e[6])) for e in examples]  # [B,K]
+    g = max(1, max(len(w) for e in examples for w in e[7]))
+    out["words"] = [[w + [-1] * (g - len(w)) for w in e[7]] + [[-1] * g] * (k - len(e[7]))
+                    for e in examples]  # [B,K,G] fmt: skip
+    for ids, img, block, pos, labels, *_ in examples:
         pad = n - len(ids)
         out["ids"].append(ids + [pad_id] * pad)
         out["img"].append(img + [False] * pad)
@@ -155,12 +175,57 @@ def patch_word_targets(tok, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([cw, sw], dim=-1)
 
 
-def stage2_loss(llava, feats_norm, batch, patch_words=None, aux_weight: float = 0.0):
+def attention_mass(attn, hidden, cos, sin, rows, mask, hit, head: int = 0):
+    """log attention mass that ``head`` of ``attn`` puts on the ``hit`` keys at query ``rows``.
+
+    hidden: [B,L,E] input of the attention module; cos, sin: [B,L,d] its rotary tables;
+    rows: [B,K] query positions; mask: [B,1,L,L] additive; hit: [B,K,L] bool.
+    Returns [B,K] (-inf where ``hit`` is empty).
+    """
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    d, (b, n, e) = attn.head_dim, hidden.shape
+    cut = slice(head * d, (head + 1) * d)
+    at_rows = rows[..., None]
+    q = F.linear(hidden.gather(1, at_rows.expand(-1, -1, e)), attn.q_proj.weight[cut])  # [B,K,d]
+    q = q * cos.gather(1, at_rows.expand(-1, -1, d)) + rotate_half(q) * sin.gather(
+        1, at_rows.expand(-1, -1, d)
+    )
+    k = F.linear(hidden, attn.k_proj.weight[cut])  # [B,L,d] (LLaMA projections have no bias)
+    k = k * cos + rotate_half(k) * sin
+    logits = (q @ k.transpose(1, 2)) * attn.scaling  # [B,K,L]
+    logp = (logits + mask[:, 0].gather(1, at_rows.expand(-1, -1, n))).log_softmax(-1)
+    return logp.masked_fill(~hit, float("-inf")).logsumexp(-1)
+
+
+def grounding_targets(batch, patch_desc) -> dict[str, torch.Tensor]:
+    """Key masks [B,K,L] of the two AUXILIARY attention losses.
+
+    ``patches``: image positions of the object each block asks about (``patch_desc`` [B,576]:
+    ``DESCRIPTIONS`` index under each patch); ``words``: the question words naming it.
+    """
+    b, n = batch["ids"].shape
+    where = torch.full((b, n), -2, dtype=torch.long)  # [B,L] description id per image position
+    where[batch["img"]] = patch_desc.reshape(-1).long()
+    patches = where[:, None, :] == batch["targets"][..., None]  # [B,K,L]
+    pos = batch["words"]  # [B,K,G]
+    words = torch.zeros(patches.shape, dtype=torch.long)
+    words.scatter_add_(2, pos.clamp(min=0), (pos >= 0).long())
+    return {"patches": patches, "words": words > 0}
+
+
+def stage2_loss(llava, feats_norm, batch, patch_words=None, aux_weight: float = 0.0,
+                grounding=None, patch_desc=None, attn_weight: float = 0.0):  # fmt: skip
     """Answer-token cross-entropy (+ optional auxiliary patch-word loss).
 
     feats_norm: [B,576,C] standardised layer -2 features. patch_words: [B,576,2] word ids the
     final state of each image token should predict through ``lm_head`` (its object's colour and
     shape words): an AUXILIARY loss that puts answer words into the visual tokens' states.
+    grounding: {layer index: (attention module, captured inputs, target kind)} filled by the
+    pre-hooks of :func:`train` during the forward pass; with ``patch_desc`` [B,576] it adds
+    ``attn_weight`` x (-log attention mass of head 0 at each answer position on its target): the
+    question words naming the object (kind ``words``) or the object's patches (``patches``).
+    Returns (loss, answer-token accuracy, [mean attention mass on the words, on the patches]).
     """
     lm = llava.model.language_model
     emb = lm.embed_tokens(batch["ids"])  # [B,L,E]
@@ -182,7 +247,19 @@ def stage2_loss(llava, feats_norm, batch, patch_words=None, aux_weight: float = 
             img_logits, words[keep, 1]
         )
         loss = loss + aux_weight * aux
-    return loss, (logits.argmax(-1) == target).float().mean().item()
+    masses: dict[str, list[float]] = {"words": [], "patches": []}
+    hits = grounding_targets(batch, patch_desc) if grounding else {}
+    for attn, seen, kind in (grounding or {}).values():
+        hit = hits[kind]
+        valid = hit.any(-1)  # [B,K] blocks with a target
+        if not valid.any():
+            continue
+        logm = attention_mass(attn, seen["hidden"], *seen["rope"], batch["rows"],
+                              batch["mask"], hit)[valid]  # fmt: skip
+        loss = loss - attn_weight * logm.mean()
+        masses[kind].append(logm.exp().mean().item())
+    mass = [float(np.mean(v)) if v else 0.0 for v in masses.values()]  # words, patches
+    return loss, (logits.argmax(-1) == target).float().mean().item(), mass
 
 
 def lr_at(step, total, base, warmup, floor=0.05):
@@ -206,6 +283,29 @@ def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
         opt.load_state_dict(state["opt"])
         step = state["step"]
         T.log(f"resumed stage 2 at step {step}")
+    grounding, handles = {}, []
+    layers = llava.model.language_model.layers
+    kinds = {int(x): "patches" for x in str(args.s2_attn_layers).split(",") if x.strip()}
+    kinds.update({int(x): "words" for x in str(args.s2_word_layers).split(",") if x.strip()})
+    for i, kind in kinds.items():
+        seen: dict = {}
+
+        def capture(module, a, kw, seen=seen):  # keeps the attention inputs for the aux loss
+            seen["hidden"] = kw["hidden_states"] if "hidden_states" in kw else a[0]
+            seen["rope"] = kw["position_embeddings"]
+
+        attn = layers[i].self_attn
+        handles.append(attn.register_forward_pre_hook(capture, with_kwargs=True))
+        grounding[i] = (attn, seen, kind)
+    try:
+        _train_loop(args, work, llava, tok, feats, mean, std, labels, opt, ckpt, step, grounding)
+    finally:
+        for h in handles:
+            h.remove()
+    T.log("stage 2 done")
+
+
+def _train_loop(args, work, llava, tok, feats, mean, std, labels, opt, ckpt, step, grounding):
     n_img = feats.shape[0]
     total, bs = args.s2_steps, args.s2_batch
     last_save, t0, hist, start = time.time(), time.time(), [], step
@@ -219,19 +319,21 @@ def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, args.s2_lr, args.s2_warmup)
         words = patch_word_targets(tok, labels[idx])
-        loss, acc = stage2_loss(llava, fn, batch, words, args.s2_aux)
+        loss, acc, mass = stage2_loss(
+            llava, fn, batch, words, args.s2_aux, grounding, labels[idx][..., 4], args.s2_attn
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
         opt.step()
         step += 1
-        hist.append((loss.item(), acc))
+        hist.append((loss.item(), acc, *mass))
         if step % args.log_every == 0 or step == total:
-            ls, ac = np.mean([h[0] for h in hist]), np.mean([h[1] for h in hist])
+            ls, ac, mw, mp = np.mean(hist, axis=0)
             hist = []
             rate = (time.time() - t0) / max(1, step - start)
-            T.log(f"s2 step {step}/{total} loss={ls:.3f} tok_acc={ac:.3f} ({rate:.2f} s/step)")
+            T.log(f"s2 step {step}/{total} loss={ls:.3f} tok_acc={ac:.3f} attn_words={mw:.2f} attn_patches={mp:.2f} "
+                  f"({rate:.2f} s/step)")  # fmt: skip
         if time.time() - last_save > args.save_every or step == total:
             T.save_ckpt(ckpt, model=llava.state_dict(), opt=opt.state_dict(), step=step)
             last_save = time.time()
-    T.log("stage 2 done")
