@@ -140,6 +140,11 @@ class Evaluation:
         if cfg.runner.get("max_new_tokens"):  # smoke tests only; part of the run key
             self.settings["max_new_tokens"] = int(cfg.runner.max_new_tokens)
         self.records_dir = Path(cfg.paths.records_dir)
+        self.vision_cache = None
+        if cfg.runner.get("share_vision"):  # one tower pass per batch across `runs` (opt-in)
+            from recomp_eval.inject.vision_cache import VisionCache
+
+            self.vision_cache = VisionCache()
 
     # --- identity of a run ----------------------------------------------------------------------
 
@@ -203,6 +208,7 @@ class Evaluation:
             sample_ids=[p.sample_id for p in batch],
             max_new_tokens=int(self.settings["max_new_tokens"]),
             stop=tuple(self.settings.get("stop") or ()),
+            vision_cache=self.vision_cache,
         )
         rows = []
         for pending, res in zip(batch, results):

@@ -141,8 +141,9 @@ def collate(examples, pad_id: int):
     out["rows"] = [e[5] + [0] * (k - len(e[5])) for e in examples]  # [B,K]
     out["targets"] = [e[6] + [-1] * (k - len(e[6])) for e in examples]  # [B,K]
     g = max(1, max(len(w) for e in examples for w in e[7]))
-    out["words"] = [[w + [-1] * (g - len(w)) for w in e[7]] + [[-1] * g] * (k - len(e[7]))
-                    for e in examples]  # [B,K,G] fmt: skip
+    out["words"] = [
+        [w + [-1] * (g - len(w)) for w in e[7]] + [[-1] * g] * (k - len(e[7])) for e in examples
+    ]  # [B,K,G] fmt: skip
     for ids, img, block, pos, labels, *_ in examples:
         pad = n - len(ids)
         out["ids"].append(ids + [pad_id] * pad)
@@ -184,7 +185,7 @@ def attention_mass(attn, hidden, cos, sin, rows, mask, hit, head: int = 0):
     """
     from transformers.models.llama.modeling_llama import rotate_half
 
-    d, (b, n, e) = attn.head_dim, hidden.shape
+    d, (_, n, e) = attn.head_dim, hidden.shape
     cut = slice(head * d, (head + 1) * d)
     at_rows = rows[..., None]
     q = F.linear(hidden.gather(1, at_rows.expand(-1, -1, e)), attn.q_proj.weight[cut])  # [B,K,d]

@@ -140,6 +140,46 @@ def test_batch_size_does_not_change_answers(data_root: Path, tmp_path: Path, bun
     assert {r["batch_size"] for r in b.values()} != {1}
 
 
+def test_shared_vision_pass_gives_the_same_answers(data_root: Path, tmp_path: Path, bundle) -> None:
+    runs = (
+        "runs=[{method: none}, {method: recomp, options: {variant: official}},"
+        " {method: recomp, retention: 0.25}, {method: prumerge}, {method: visionzip,"
+        " retention: 0.5}, {method: fastv, retention: 0.5}]"
+    )
+    plain = evaluate(config(data_root, tmp_path / "a", "gqa", runs, "runner.max_new_tokens=6"),
+                     bundle)  # fmt: skip
+    cfg = config(data_root, tmp_path / "b", "gqa", runs, "runner.max_new_tokens=6",
+                 "runner.share_vision=true")  # fmt: skip
+    from recomp_eval import evaluate as ev
+
+    made = []
+    original = ev.Evaluation.__init__
+
+    def keep(self, *a, **kw):
+        original(self, *a, **kw)
+        made.append(self)
+
+    ev.Evaluation.__init__ = keep
+    try:
+        shared = evaluate(cfg, bundle)
+    finally:
+        ev.Evaluation.__init__ = original
+    cache = made[0].vision_cache
+    batches = -(-len(samples_of(plain[0])) // 2)
+    # the tower runs once per batch and per new hook layer set (none; last layer; layer -2),
+    # not once per run: 6 runs x batches lookups
+    assert cache.misses == 3 * batches and cache.hits == 3 * batches, (cache.hits, cache.misses)
+    for a, b in zip(plain, shared, strict=True):
+        assert a.run_key == b.run_key  # sharing is not part of a run's identity
+        x, y = samples_of(a), samples_of(b)
+        assert x.keys() == y.keys()
+        for sid in x:
+            assert x[sid]["prediction"] == y[sid]["prediction"], (a.method, sid)
+            assert x[sid]["kept_tokens"] == y[sid]["kept_tokens"]
+            assert x[sid]["keep_map"] == y[sid]["keep_map"]
+            assert y[sid]["timings_ms"]["vision"] > 0  # a reused pass still reports its time
+
+
 def test_resume_after_simulated_crash(data_root: Path, tmp_path: Path, bundle) -> None:
     ref = evaluate(config(data_root, tmp_path / "ref", "mme", "runner.batch_size=1"), bundle)[0]
     out = tmp_path / "crash"

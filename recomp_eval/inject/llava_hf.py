@@ -39,6 +39,73 @@ class TowerOutput:
 
 
 @torch.no_grad()
+def tower_pass(model: torch.nn.Module, pixel_values: torch.Tensor, probe: CompressionProbe):
+    """One tower pass under ``probe``'s hooks: feature-layer and last hidden states and the q/k
+    captures of the hooked layers, as a :class:`~recomp_eval.inject.vision_cache.TowerPass`.
+
+    pixel_values: [B,3,S,S].
+    """
+    from recomp_eval.inject.vision_cache import TowerPass
+
+    tower = vision_tower(model)
+    dtype = next(tower.parameters()).dtype
+    probe.vision.clear()
+    out = tower(pixel_values.to(tower.device, dtype), output_hidden_states=True)
+    return TowerPass(
+        hidden=out.hidden_states[model.config.vision_feature_layer],  # [B,N+1,C]
+        last_hidden=out.last_hidden_state,  # [B,N+1,C]
+        q={i: probe.vision.require("q", i) for i in probe.q_layers},
+        k={i: probe.vision.require("k", i) for i in probe.k_layers},
+    )
+
+
+@torch.no_grad()
+def signals_from_pass(
+    model: torch.nn.Module,
+    done: Any,
+    pixel_values: torch.Tensor,
+    spec: SignalSpec,
+    seeds: torch.Tensor | None = None,
+) -> TowerOutput:
+    """The vision signals ``spec`` asks for, from a :class:`TowerPass` ``done``.
+
+    ``pixel_values`` [B,3,S,S] is only used for the second tower pass of ``vit_passes == 2``.
+    """
+    tower = vision_tower(model)
+    num_layers = tower.config.num_hidden_layers
+    num_heads = tower.config.num_attention_heads
+    last_hidden = done.last_hidden
+    cls_attn = keys = None
+    if spec.cls_attn is not None:
+        layer = resolve_layer(spec.cls_attn_layer, num_layers)
+        q, k = done.q[layer], done.k[layer]  # [B,N+1,C]
+        if spec.cls_attn == "concat_heads":
+            cls_attn = cls_attention_concat(q, k)  # [B,N]
+        elif spec.cls_attn == "mean_heads":
+            cls_attn = cls_attention_mean_heads(q, k, num_heads)  # [B,N]
+        else:
+            raise ValueError(f"unknown cls_attn definition '{spec.cls_attn}'")
+    if spec.keys is not None:
+        k = done.k[resolve_layer(spec.keys_layer, num_layers)]  # [B,N+1,C]
+        keys = patch_keys(k, spec.keys, num_heads)  # [B,N,Ck]
+    if spec.vit_passes == 2:
+        # The released RC runs a second, identical tower for Z; kept for cost parity only.
+        dtype = next(tower.parameters()).dtype
+        last_hidden = tower(pixel_values.to(tower.device, dtype)).last_hidden_state
+    elif spec.vit_passes != 1:
+        raise ValueError(f"vit_passes must be 1 or 2, got {spec.vit_passes}")
+    hidden = done.hidden
+    signals = VisionSignals(
+        features=hidden[:, CLS_INDEX + 1 :],  # [B,N,C]
+        cls_attn=cls_attn,
+        keys=keys,
+        cls_feature=hidden[:, CLS_INDEX] if spec.cls_feature else None,  # [B,C]
+        seeds=seeds if spec.needs_seeds else None,
+    )
+    return TowerOutput(signals=signals, last_hidden=last_hidden)
+
+
+@torch.no_grad()
 def run_tower(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,
@@ -55,45 +122,8 @@ def run_tower(
         probe: from ``compress(model, method)`` (its hooks fill ``probe.vision``).
         seeds: [B] int64, passed through to the signals when ``spec.needs_seeds``.
     """
-    tower = vision_tower(model)
-    cfg = model.config
-    num_layers = tower.config.num_hidden_layers
-    num_heads = tower.config.num_attention_heads
-    dtype = next(tower.parameters()).dtype
-    probe.vision.clear()
-    out = tower(pixel_values.to(tower.device, dtype), output_hidden_states=True)
-    hidden = out.hidden_states[cfg.vision_feature_layer]  # [B,N+1,C]
-    last_hidden = out.last_hidden_state  # [B,N+1,C]
-    for layer in probe.q_layers:
-        probe.vision.require("q", layer)
-    for layer in probe.k_layers:
-        probe.vision.require("k", layer)
-    cls_attn = keys = None
-    if spec.cls_attn is not None:
-        layer = resolve_layer(spec.cls_attn_layer, num_layers)
-        q, k = probe.vision.q[layer], probe.vision.k[layer]  # [B,N+1,C]
-        if spec.cls_attn == "concat_heads":
-            cls_attn = cls_attention_concat(q, k)  # [B,N]
-        elif spec.cls_attn == "mean_heads":
-            cls_attn = cls_attention_mean_heads(q, k, num_heads)  # [B,N]
-        else:
-            raise ValueError(f"unknown cls_attn definition '{spec.cls_attn}'")
-    if spec.keys is not None:
-        k = probe.vision.k[resolve_layer(spec.keys_layer, num_layers)]  # [B,N+1,C]
-        keys = patch_keys(k, spec.keys, num_heads)  # [B,N,Ck]
-    if spec.vit_passes == 2:
-        # The released RC runs a second, identical tower for Z; kept for cost parity only.
-        last_hidden = tower(pixel_values.to(tower.device, dtype)).last_hidden_state
-    elif spec.vit_passes != 1:
-        raise ValueError(f"vit_passes must be 1 or 2, got {spec.vit_passes}")
-    signals = VisionSignals(
-        features=hidden[:, CLS_INDEX + 1 :],  # [B,N,C]
-        cls_attn=cls_attn,
-        keys=keys,
-        cls_feature=hidden[:, CLS_INDEX] if spec.cls_feature else None,  # [B,C]
-        seeds=seeds if spec.needs_seeds else None,
-    )
-    return TowerOutput(signals=signals, last_hidden=last_hidden)
+    return signals_from_pass(model, tower_pass(model, pixel_values, probe), pixel_values, spec,
+                             seeds)  # fmt: skip
 
 
 def add_text_signal(
