@@ -24,7 +24,19 @@ attention than the full grid; the last steps run on full images.
 
 Stage 2 (LLaVA): ``LlavaForConditionalGeneration`` with that tower frozen, a 2-layer GELU MLP
 projector and a small Llama decoder, trained on questions from ``recomp_eval.synth.questions``
-with loss on answer tokens only. Prompts are rendered by the harness's own
+with loss on answer tokens, plus AUXILIARY losses (weights ``--s2-aux``, ``--s2-attn``):
+
+- patch words: the final state of each image token predicts, through ``lm_head``, the colour and
+  shape words of the object under it;
+- grounding: at the position that predicts the answer, attention head 0 of decoder layer 0 is
+  pulled onto the question words that name the object (``--s2-word-layers``) and head 0 of
+  layers 1 and 2 onto that object's image tokens (``--s2-attn-layers``; -log attention mass).
+  Without them a decoder this small did not learn to look up the object in 576 tokens (answer
+  accuracy plateaued; existence collapsed to "no"); other heads stay free. Questions with no
+  object (counts, absent objects) add no grounding term.
+
+The decoder uses a long rotary period (``--llm-rope-theta``) so that most query/key dimensions
+match by content across the image's ~600 positions. Prompts are rendered by the harness's own
 ``render_prompt`` (protocols ``llava15`` and ``lmms_eval``) with ``user_prompt``-style text. The
 frozen features (layer -2, CLS dropped) are cached once. One image carries several questions in
 one sequence: each question block attends to the shared prefix (system text + image tokens) and
