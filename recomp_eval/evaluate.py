@@ -142,9 +142,21 @@ class Evaluation:
         self.records_dir = Path(cfg.paths.records_dir)
         self.vision_cache = None
         if cfg.runner.get("share_vision"):  # one tower pass per batch across `runs` (opt-in)
-            from recomp_eval.inject.vision_cache import VisionCache
+            self.vision_cache = self.shared_vision_cache()
 
-            self.vision_cache = VisionCache()
+    def shared_vision_cache(self):
+        """A :class:`VisionCache` that captures the q/k layers of every entry of ``runs``."""
+        from recomp_eval.inject.context import hook_layers, vision_tower
+        from recomp_eval.inject.vision_cache import VisionCache
+
+        n_layers = vision_tower(self.bundle.model).config.num_hidden_layers
+        q_layers, k_layers = set(), set()
+        for spec in expand_runs(self.cfg):
+            q, k = hook_layers(build_method(spec.method, retention=spec.retention,
+                                            **spec.options).spec, n_layers)  # fmt: skip
+            q_layers.update(q)
+            k_layers.update(k)
+        return VisionCache(q_layers, k_layers)
 
     # --- identity of a run ----------------------------------------------------------------------
 

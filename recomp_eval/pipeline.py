@@ -117,7 +117,8 @@ def vision_side(
         timer.add("vision", start, timer.mark())
     else:
         start = timer.mark()
-        done = tower_pass(model, pixel_values, probe)
+        extra = (cache.q_layers, cache.k_layers) if cache is not None else ((), ())
+        done = tower_pass(model, pixel_values, probe, *extra)
         done.span = (start, timer.mark())
         timer.add("vision", *done.span)
         with timer.stage("vision"):

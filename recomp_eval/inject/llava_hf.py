@@ -39,23 +39,40 @@ class TowerOutput:
 
 
 @torch.no_grad()
-def tower_pass(model: torch.nn.Module, pixel_values: torch.Tensor, probe: CompressionProbe):
+def tower_pass(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    probe: CompressionProbe,
+    extra_q: Sequence[int] = (),
+    extra_k: Sequence[int] = (),
+):
     """One tower pass under ``probe``'s hooks: feature-layer and last hidden states and the q/k
     captures of the hooked layers, as a :class:`~recomp_eval.inject.vision_cache.TowerPass`.
 
-    pixel_values: [B,3,S,S].
+    pixel_values: [B,3,S,S]. ``extra_q``/``extra_k``: further layers to capture during the same
+    pass (hooks registered for the pass only), e.g. for other runs sharing it.
     """
     from recomp_eval.inject.vision_cache import TowerPass
+    from recomp_eval.signals.vision import capture_qk
 
     tower = vision_tower(model)
     dtype = next(tower.parameters()).dtype
     probe.vision.clear()
-    out = tower(pixel_values.to(tower.device, dtype), output_hidden_states=True)
+    extra_q = [i for i in extra_q if i not in probe.q_layers]
+    extra_k = [i for i in extra_k if i not in probe.k_layers]
+    with capture_qk(tower, extra_q, extra_k) as extra:
+        out = tower(pixel_values.to(tower.device, dtype), output_hidden_states=True)
     return TowerPass(
         hidden=out.hidden_states[model.config.vision_feature_layer],  # [B,N+1,C]
         last_hidden=out.last_hidden_state,  # [B,N+1,C]
-        q={i: probe.vision.require("q", i) for i in probe.q_layers},
-        k={i: probe.vision.require("k", i) for i in probe.k_layers},
+        q={
+            **{i: extra.require("q", i) for i in extra_q},
+            **{i: probe.vision.require("q", i) for i in probe.q_layers},
+        },
+        k={
+            **{i: extra.require("k", i) for i in extra_k},
+            **{i: probe.vision.require("k", i) for i in probe.k_layers},
+        },
     )
 
 

@@ -3,9 +3,9 @@
 Every entry of ``runs`` evaluates the same samples in the same batches, and all pre-LLM methods
 read the same frozen tower: without sharing, the tower runs once per method. With
 ``runner.share_vision: true`` the evaluation keeps, per batch (keyed by its sample ids and pixel
-shape), the feature-layer and last hidden states and the q/k captures of the layers that any run
-asked for so far. A run whose layers are all present skips the tower; otherwise the tower runs
-again under that run's hooks and the entry gains its layers.
+shape), the feature-layer and last hidden states and the q/k captures of the layers the runs
+need (their union, given up front). A run whose layers are all present skips the tower;
+otherwise the tower runs again under that run's hooks and the entry gains its layers.
 
 Timing stays honest: a reused pass reports the vision-stage span measured when it ran, so every
 run's latency still includes one tower pass. Memory grows with the number of batches (about
@@ -39,7 +39,11 @@ class TowerPass:
 class VisionCache:
     """Tower passes by batch key; see the module docstring. ``hits``/``misses`` count lookups."""
 
-    def __init__(self) -> None:
+    def __init__(self, q_layers: Sequence[int] = (), k_layers: Sequence[int] = ()) -> None:
+        # layers every pass captures, whichever run triggers it (the union over the runs), so
+        # that one pass per batch serves them all
+        self.q_layers = tuple(sorted(set(q_layers)))
+        self.k_layers = tuple(sorted(set(k_layers)))
         self._entries: dict[tuple, TowerPass] = {}
         self.hits = 0
         self.misses = 0
