@@ -26,33 +26,40 @@ eval: $(VENV)/.installed ## offline demo: every method on SynthVQA with synth-ll
 	$(VENV)/bin/recomp-eval -m experiment=synth_demo benchmark=$(DEMO_BENCHMARKS) paths.root=$(DEMO_ROOT) $(ARGS)
 	$(VENV)/bin/recomp-eval-tables --root $(DEMO_ROOT)/raw --out $(DEMO_ROOT)/tables --slices
 
+# Two stamps: what running evaluations needs, and on top of it what tests and lint need (pytest,
+# ruff, lmms-eval as the scoring oracle), so that `make eval` on a fresh clone installs less.
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -c <(echo $(TORCH_PIN)) -e .
+	@$(PY) -c "import importlib.util, sys; sys.exit('torchvision must not be installed (breaks transformers on the CPU torch)' if importlib.util.find_spec('torchvision') else 0)"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -c <(echo $(TORCH_PIN)) -e '.[dev]'
 	$(PIP) install -q --no-deps $(LMMS_EVAL_PIN)
 	$(PIP) install -q -c <(echo $(TORCH_PIN)) $(LMMS_RUNTIME)
 	@$(PY) -c "import importlib.util, sys; sys.exit('torchvision must not be installed (breaks transformers on the CPU torch)' if importlib.util.find_spec('torchvision') else 0)"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv and install pinned dependencies
+install: $(VENV)/.installed-dev ## create .venv and install pinned dependencies (runtime + dev)
 
-lint: $(VENV)/.installed ## ruff lint + format check
+lint: $(VENV)/.installed-dev ## ruff lint + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(VENV)/.installed ## apply ruff fixes and formatting
+format: $(VENV)/.installed-dev ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: $(VENV)/.installed ## run the test suite (installs first when needed)
+test: $(VENV)/.installed-dev ## run the test suite (installs first when needed)
 	$(PY) -m pytest -q -m "not slow and not gpu and not hub" $(ARGS)
 
-test-all: $(VENV)/.installed ## run all tests including slow ones
+test-all: $(VENV)/.installed-dev ## run all tests including slow ones
 	$(PY) -m pytest -q -m "not gpu and not hub" $(ARGS)
 
-test-gpu: $(VENV)/.installed ## run the GPU smoke tests (needs CUDA)
+test-gpu: $(VENV)/.installed-dev ## run the GPU smoke tests (needs CUDA)
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
 bench: $(VENV)/.installed ## compression benchmark (JSON + markdown under results/bench)
@@ -70,7 +77,7 @@ tables: $(VENV)/.installed ## aggregate every results.json under results/ into t
 	$(VENV)/bin/recomp-eval-tables --root results --out results/tables
 
 FIXTURES ?= results/fixtures
-fixtures: $(VENV)/.installed ## write tiny hub-schema fixtures of the five benchmarks to $(FIXTURES)
+fixtures: $(VENV)/.installed-dev ## write tiny hub-schema fixtures of the five benchmarks to $(FIXTURES)
 	$(PY) scripts/make_fixtures.py --out $(FIXTURES)
 
 clean: ## remove caches (keeps .venv and results)
