@@ -5,7 +5,6 @@ Imported by ``train_tiny.py`` (run that script); see its docstring for the recip
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -263,13 +262,6 @@ def stage2_loss(llava, feats_norm, batch, patch_words=None, aux_weight: float = 
     return loss, (logits.argmax(-1) == target).float().mean().item(), mass
 
 
-def lr_at(step, total, base, warmup, floor=0.05):
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
     opt = torch.optim.AdamW(
         [p for n, p in llava.named_parameters() if "vision_tower" not in n],
@@ -318,7 +310,7 @@ def _train_loop(args, work, llava, tok, feats, mean, std, labels, opt, ckpt, ste
         batch = collate(ex, tok.pad_token_id)
         fn = (feats[idx].float() - mean) / std  # [B,576,C]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, args.s2_lr, args.s2_warmup)
+            group["lr"] = T.lr_at(step, total, args.s2_lr, args.s2_warmup)
         words = patch_word_targets(tok, labels[idx])
         loss, acc, mass = stage2_loss(
             llava, fn, batch, words, args.s2_aux, grounding, labels[idx][..., 4], args.s2_attn
