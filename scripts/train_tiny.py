@@ -201,6 +201,17 @@ def lr_at(step: int, total: int, base: float, warmup: int, floor: float = 0.05) 
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def resume_from(path: Path, model, opt, resume: bool, stage: str) -> int:
+    """Load model + optimiser state from ``path`` when resuming; the step to continue from."""
+    if not (resume and path.exists()):
+        return 0
+    state = torch.load(path)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    log(f"resumed stage {stage} at step {state['step']}")
+    return state["step"]
+
+
 def save_ckpt(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

@@ -33,20 +33,9 @@ def vision_config(args):
 
 
 def text_config(args, tok):
-    from transformers import CLIPTextConfig
+    from recomp_eval.models.tiny import clip_text_config
 
-    return CLIPTextConfig(
-        vocab_size=len(tok),
-        hidden_size=args.text_width,
-        intermediate_size=2 * args.text_width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tok.model_max_length,
-        projection_dim=args.proj_dim,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    return clip_text_config(tok, args.text_width, args.proj_dim)
 
 
 class Stage1(torch.nn.Module):
@@ -149,13 +138,7 @@ def run_stage1(args, work: Path) -> None:
     model = Stage1(args, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=args.s1_lr, weight_decay=0.05)
     ckpt = work / "stage1.pt"
-    step = 0
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        log(f"resumed stage 1 at step {step}")
+    step = T.resume_from(ckpt, model, opt, args.resume, "1")
     text = tok(DESCRIPTIONS, padding=True, return_tensors="pt")
     total, crop = args.s1_steps, args.s1_crop
     full_from = int(total * (1 - args.s1_full_share))

@@ -269,13 +269,7 @@ def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
         weight_decay=0.01,
     )
     ckpt = work / "stage2.pt"
-    step = 0
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt)
-        llava.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        T.log(f"resumed stage 2 at step {step}")
+    step = T.resume_from(ckpt, llava, opt, args.resume, "2")
     grounding, handles = {}, []
     layers = llava.model.language_model.layers
     kinds = {int(x): "patches" for x in str(args.s2_attn_layers).split(",") if x.strip()}

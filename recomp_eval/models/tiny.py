@@ -117,6 +117,24 @@ def _scale_(model: torch.nn.Module, factor: float) -> None:
                 p.mul_(factor)
 
 
+def clip_text_config(tok, width: int, proj_dim: int):
+    """A 2-layer CLIP text tower config for ``tok`` (its special ids and 77-position limit)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tok.model_max_length,
+        projection_dim=proj_dim,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
 def build_processor(tokenizer, image_size: int, patch_size: int):
     """A ``LlavaProcessor`` as llava-hf ships it (CLS counted, CLIP normalisation, chat template).
 
@@ -144,7 +162,6 @@ def _build(spec: TinySpec, folder: Path) -> None:
     from transformers import (
         CLIPConfig,
         CLIPModel,
-        CLIPTextConfig,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
@@ -193,18 +210,7 @@ def _build(spec: TinySpec, folder: Path) -> None:
     # CLIP text tower + visual projection; the vision half copies LLaVA's tower (as in OpenAI's).
     clip_tok = _clip_tokenizer(spec.vocab_size)
     clip_cfg = CLIPConfig(
-        text_config=CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            hidden_size=spec.clip_text_width,
-            intermediate_size=2 * spec.clip_text_width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=clip_tok.model_max_length,
-            projection_dim=spec.clip_proj_dim,
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        ).to_dict(),
+        text_config=clip_text_config(clip_tok, spec.clip_text_width, spec.clip_proj_dim).to_dict(),
         vision_config=vision.to_dict(),
         projection_dim=spec.clip_proj_dim,
     )
