@@ -388,8 +388,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def int_list(text) -> list[int]:
+    """``"1,2"`` -> [1, 2] (empty entries ignored)."""
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def check_args(args) -> None:
+    """One-line errors (SystemExit) for arguments that would fail deep inside a stage."""
+    work = Path(args.work)
+    if args.stage in ("2", "save") and not (work / "stage1.pt").exists():
+        sys.exit(f"train_tiny: no stage-1 output in {work}; run --stage 1 (or --stage all) first, "
+                 f"or pass the --work folder that holds stage1.pt")  # fmt: skip
+    if args.stage == "save" and not (work / "stage2.pt").exists():
+        sys.exit(f"train_tiny: no stage-2 checkpoint in {work} to save; run --stage 2 first")
+    try:
+        layers = int_list(args.s2_attn_layers) + int_list(args.s2_word_layers)
+    except ValueError:
+        layers = [-1]
+    if len(set(layers)) < len(layers) or any(not 0 <= i < args.llm_layers for i in layers):
+        sys.exit(f"train_tiny: --s2-attn-layers {args.s2_attn_layers!r} and --s2-word-layers "
+                 f"{args.s2_word_layers!r} must be distinct decoder layers in "
+                 f"0..{args.llm_layers - 1}, comma-separated")  # fmt: skip
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_args(args)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)

@@ -6,6 +6,8 @@ Imported by ``train_tiny.py`` (run that script); see its docstring for the recip
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,6 @@ LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 NAME_WORDS = {*S.COLOURS, *S.SHAPES, *S.SIZES}  # words that name an object in a question
 PROTOCOL_SHARE = {"llava15": 0.7, "lmms_eval": 0.3}
 STRATEGIES = ("random", "popular", "adversarial")
-GATE_FAMILIES = ("colour", "shape", "exist", "relation", "ocr_ref")
 
 
 def scene_questions(seed: int, index: int, scene: S.Scene) -> list[tuple[str, str, str, str]]:
@@ -262,6 +263,37 @@ def stage2_loss(llava, feats_norm, batch, patch_words=None, aux_weight: float = 
     return loss, (logits.argmax(-1) == target).float().mean().item(), mass
 
 
+@contextmanager
+def attention_inputs(llava, kinds: dict[int, str]) -> Iterator[dict]:
+    """Forward pre-hooks that keep the inputs (hidden states, rotary tables) of the attention
+    modules of the decoder layers in ``kinds`` ({layer: "words" | "patches"}) for the grounding
+    losses; removed on exit. Yields {layer: (attention module, captured inputs, kind)}."""
+    layers = llava.model.language_model.layers
+    grounding, handles = {}, []
+    try:
+        for i, kind in kinds.items():
+            seen: dict = {}
+
+            def capture(module, a, kw, seen=seen):
+                seen["hidden"] = kw["hidden_states"] if "hidden_states" in kw else a[0]
+                seen["rope"] = kw["position_embeddings"]
+
+            attn = layers[i].self_attn
+            handles.append(attn.register_forward_pre_hook(capture, with_kwargs=True))
+            grounding[i] = (attn, seen, kind)
+        yield grounding
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def grounding_layers(args) -> dict[int, str]:
+    """{decoder layer: target kind} from ``--s2-attn-layers`` and ``--s2-word-layers``."""
+    kinds = dict.fromkeys(T.int_list(args.s2_attn_layers), "patches")
+    kinds.update(dict.fromkeys(T.int_list(args.s2_word_layers), "words"))
+    return kinds
+
+
 def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
     opt = torch.optim.AdamW(
         [p for n, p in llava.named_parameters() if "vision_tower" not in n],
@@ -270,57 +302,36 @@ def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
     )
     ckpt = work / "stage2.pt"
     step = T.resume_from(ckpt, llava, opt, args.resume, "2")
-    grounding, handles = {}, []
-    layers = llava.model.language_model.layers
-    kinds = {int(x): "patches" for x in str(args.s2_attn_layers).split(",") if x.strip()}
-    kinds.update({int(x): "words" for x in str(args.s2_word_layers).split(",") if x.strip()})
-    for i, kind in kinds.items():
-        seen: dict = {}
-
-        def capture(module, a, kw, seen=seen):  # keeps the attention inputs for the aux loss
-            seen["hidden"] = kw["hidden_states"] if "hidden_states" in kw else a[0]
-            seen["rope"] = kw["position_embeddings"]
-
-        attn = layers[i].self_attn
-        handles.append(attn.register_forward_pre_hook(capture, with_kwargs=True))
-        grounding[i] = (attn, seen, kind)
-    try:
-        _train_loop(args, work, llava, tok, feats, mean, std, labels, opt, ckpt, step, grounding)
-    finally:
-        for h in handles:
-            h.remove()
-    T.log("stage 2 done")
-
-
-def _train_loop(args, work, llava, tok, feats, mean, std, labels, opt, ckpt, step, grounding):
     n_img = feats.shape[0]
     total, bs = args.s2_steps, args.s2_batch
     last_save, t0, hist, start = time.time(), time.time(), [], step
     llava.train()
-    while step < total:
-        g = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
-        idx = torch.randint(0, n_img, (bs,), generator=g).tolist()
-        ex = [make_example(tok, args.seed, i, step, args.s2_questions) for i in idx]
-        batch = collate(ex, tok.pad_token_id)
-        fn = (feats[idx].float() - mean) / std  # [B,576,C]
-        for group in opt.param_groups:
-            group["lr"] = T.lr_at(step, total, args.s2_lr, args.s2_warmup)
-        words = patch_word_targets(tok, labels[idx])
-        loss, acc, mass = stage2_loss(
-            llava, fn, batch, words, args.s2_aux, grounding, labels[idx][..., 4], args.s2_attn
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
-        opt.step()
-        step += 1
-        hist.append((loss.item(), acc, *mass))
-        if step % args.log_every == 0 or step == total:
-            ls, ac, mw, mp = np.mean(hist, axis=0)
-            hist = []
-            rate = (time.time() - t0) / max(1, step - start)
-            T.log(f"s2 step {step}/{total} loss={ls:.3f} tok_acc={ac:.3f} attn_words={mw:.2f} attn_patches={mp:.2f} "
-                  f"({rate:.2f} s/step)")  # fmt: skip
-        if time.time() - last_save > args.save_every or step == total:
-            T.save_ckpt(ckpt, model=llava.state_dict(), opt=opt.state_dict(), step=step)
-            last_save = time.time()
+    with attention_inputs(llava, grounding_layers(args)) as grounding:
+        while step < total:
+            g = torch.Generator().manual_seed(args.seed * 7_000_003 + step)
+            idx = torch.randint(0, n_img, (bs,), generator=g).tolist()
+            ex = [make_example(tok, args.seed, i, step, args.s2_questions) for i in idx]
+            batch = collate(ex, tok.pad_token_id)
+            fn = (feats[idx].float() - mean) / std  # [B,576,C]
+            for group in opt.param_groups:
+                group["lr"] = T.lr_at(step, total, args.s2_lr, args.s2_warmup)
+            words = patch_word_targets(tok, labels[idx])
+            loss, acc, mass = stage2_loss(
+                llava, fn, batch, words, args.s2_aux, grounding, labels[idx][..., 4], args.s2_attn
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
+            opt.step()
+            step += 1
+            hist.append((loss.item(), acc, *mass))
+            if step % args.log_every == 0 or step == total:
+                ls, ac, mw, mp = np.mean(hist, axis=0)
+                hist = []
+                rate = (time.time() - t0) / max(1, step - start)
+                T.log(f"s2 step {step}/{total} loss={ls:.3f} tok_acc={ac:.3f} "
+                      f"attn_words={mw:.2f} attn_patches={mp:.2f} ({rate:.2f} s/step)")  # fmt: skip
+            if time.time() - last_save > args.save_every or step == total:
+                T.save_ckpt(ckpt, model=llava.state_dict(), opt=opt.state_dict(), step=step)
+                last_save = time.time()
+    T.log("stage 2 done")

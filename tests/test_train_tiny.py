@@ -129,3 +129,20 @@ def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, capsys)
     assert any(
         not torch.equal(first[k], v) for k, v in torch.load(work / "stage2.pt")["model"].items()
     )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--stage", "2"], "no stage-1 output"),
+        (["--s2-attn-layers", "1,7"], "distinct decoder layers in 0..3"),
+        (["--s2-attn-layers", "0,1", "--s2-word-layers", "0"], "distinct decoder layers"),
+        (["--s2-word-layers", "x"], "comma-separated"),
+    ],
+)
+def test_bad_arguments_stop_with_one_line(tmp_path, extra, message):
+    with pytest.raises(SystemExit) as err:
+        T.main(["--work", str(tmp_path / "work"), *extra])
+    text = str(err.value.code)
+    assert message in text and "\n" not in text
+    assert not (tmp_path / "work" / "stage1.pt").exists()  # nothing started
