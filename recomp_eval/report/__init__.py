@@ -1,0 +1,1 @@
+"""From run folders to paper tables and plots: run selection, cells, formatting, figures."""
