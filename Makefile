@@ -14,17 +14,22 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help eval install lint format test test-all test-gpu bench tables sweep fixtures clean
+.PHONY: help eval demo-docs install lint format test test-all test-gpu bench tables sweep fixtures clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
+# The demo writes only under $(DEMO_ROOT) (git-ignored): `make eval` leaves the working tree clean.
+# `make demo-docs` copies its tables into docs/demo/ and the README (what the README shows).
 DEMO_ROOT ?= results/demo
 DEMO_BENCHMARKS ?= gqa,vqav2,textvqa,pope,mme
 eval: $(VENV)/.installed ## offline demo: every method on SynthVQA with synth-llava (CPU, minutes)
 	$(PY) scripts/make_synth.py --out $(DEMO_ROOT)/synth --skip-existing
 	$(VENV)/bin/recomp-eval -m experiment=synth_demo benchmark=$(DEMO_BENCHMARKS) paths.root=$(DEMO_ROOT) $(ARGS)
-	$(VENV)/bin/recomp-eval-tables --root $(DEMO_ROOT)/raw --out $(DEMO_ROOT)/tables --slices
+	$(VENV)/bin/recomp-eval-tables --root $(DEMO_ROOT)/raw --experiment synth_demo --out $(DEMO_ROOT)/tables --slices
+
+demo-docs: $(VENV)/.installed ## after `make eval`: copy the demo tables into docs/demo/ and the README
+	$(PY) scripts/update_demo_docs.py --tables $(DEMO_ROOT)/tables --docs docs/demo --readme README.md
 
 # Two stamps: what running evaluations needs, and on top of it what tests and lint need (pytest,
 # ruff, lmms-eval as the scoring oracle), so that `make eval` on a fresh clone installs less.
@@ -73,8 +78,10 @@ SWEEP_RATIOS ?= 0.05,0.1,0.2,0.5
 sweep: $(VENV)/.installed ## multirun: methods x retention ratios (SWEEP_METHODS, SWEEP_RATIOS, ARGS)
 	$(VENV)/bin/recomp-eval -m method=$(SWEEP_METHODS) retention=$(SWEEP_RATIOS) $(ARGS)
 
-tables: $(VENV)/.installed ## aggregate every results.json under results/ into tables and plots
-	$(VENV)/bin/recomp-eval-tables --root results --out results/tables
+TABLES_ROOT ?= results/raw
+TABLES_OUT ?= results/tables
+tables: $(VENV)/.installed ## tables and plots from the runs under TABLES_ROOT (default results/raw)
+	$(VENV)/bin/recomp-eval-tables --root $(TABLES_ROOT) --out $(TABLES_OUT) $(ARGS)
 
 FIXTURES ?= results/fixtures
 fixtures: $(VENV)/.installed-dev ## write tiny hub-schema fixtures of the five benchmarks to $(FIXTURES)

@@ -1,212 +1,126 @@
-"""Turn every ``results.json`` under a folder into paper tables (markdown, CSV, LaTeX) and plots.
+"""``recomp-eval-tables``: paper tables and plots from one explicit set of runs.
 
-``recomp-eval-tables [--root results] [--out results/tables]`` (also ``make tables``) writes:
+    recomp-eval-tables --root results/raw --out results/tables
+    recomp-eval-tables --root results/demo/raw --experiment synth_demo --out results/demo/tables
+    recomp-eval-tables --glob 'results/raw/gqa/*/llava15/*' --out tables/gqa
 
-* ``accuracy.{md,csv,tex}``: the primary metric per benchmark for each method x retention, the
-  percentage relative to the uncompressed run (``none``) of the same model and protocol, and the
-  average of those percentages;
-* ``efficiency.{md,csv,tex}``: kept visual tokens, prefill TFLOPs, prefill ms, decode ms/token and
-  peak memory per benchmark x method x retention;
-* ``slices.{md,csv,tex}``: the primary metric per tagged slice (SynthVQA: object size, question
-  family), when records carry slices;
-* ``plots/<benchmark>.png``: primary metric against kept tokens and against prefill TFLOPs.
+writes ``accuracy`` (methods x benchmarks, average % of none), ``accuracy_long`` (every run with
+its CI, n, skipped, paired comparison, run key), ``efficiency`` (tokens, FLOPs, latency, memory)
+and ``slices_<benchmark>_<tag>`` (SynthVQA slices), each as ``.md``, ``.csv`` and ``.tex``
+(caption, best value per column in bold), plus ``plots/<benchmark>-<model>-<protocol>.png``.
+Two different runs of one cell stop the table (``--on-conflict rows`` shows both).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import sys
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from recomp_eval.records import load_records
-
-VANILLA = "none"
-
-
-def _retention_label(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "adaptive"
-    return f"{float(value):g}"
-
-
-def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per record with the fields the tables need (latest record wins per key)."""
-    rows = []
-    for rec in records:
-        method = rec["method"]
-        latency = rec.get("latency_ms", {})
-        rows.append(
-            {
-                "model": rec["model"].get("name", rec["model"].get("id")),
-                "protocol": rec["protocol"],
-                "benchmark": rec["benchmark"]["name"],
-                "method": method.get("label", method["name"]),
-                "method_name": method["name"],
-                "retention": _retention_label(method.get("retention")),
-                "metric": rec["primary_metric"],
-                "value": rec["metrics"].get(rec["primary_metric"], float("nan")),
-                "tokens": rec["tokens"].get("mean", float("nan")),
-                "tflops": rec["flops"].get("prefill_tflops", float("nan")),
-                "prefill_ms": latency.get("prefill", {}).get("median", float("nan")),
-                "decode_ms_per_token": latency.get("decode_per_token", {}).get(
-                    "median", float("nan")
-                ),
-                "peak_memory_mb": rec.get("peak_memory_mb", {}).get("total", float("nan")),
-                "reportable": rec.get("reportable", False),
-                "samples": rec["samples"].get("evaluated", 0),
-                "created": rec.get("created", ""),
-            }
-        )
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    keys = ["model", "protocol", "benchmark", "method", "retention"]
-    return frame.sort_values("created").drop_duplicates(keys, keep="last").reset_index(drop=True)
+from recomp_eval.report.runs import TableInputError, resolve_cells, select_runs
+from recomp_eval.report.tables import (
+    accuracy_long_table,
+    accuracy_table,
+    efficiency_table,
+    metric_label,
+    row_sets,
+    score_runs,
+    slice_tables,
+)
 
 
-def accuracy_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Primary metric per benchmark (columns) for each model/protocol/method/retention row."""
-    index = ["model", "protocol", "method", "retention"]
-    table = frame.pivot_table(index=index, columns="benchmark", values="value", aggfunc="first")
-    vanilla = frame[frame["method_name"] == VANILLA]
-    base = vanilla.pivot_table(
-        index=["model", "protocol"], columns="benchmark", values="value", aggfunc="first"
-    )
-    rel_cols = []
-    for bench in table.columns:
-        if bench not in base.columns:
-            continue
-        ref = table.index.droplevel(["method", "retention"]).map(
-            lambda key, b=bench: base[b].get(key, float("nan"))
-        )
-        col = f"{bench} rel%"
-        table[col] = 100.0 * table[bench] / ref.to_numpy()
-        rel_cols.append(col)
-    table["avg rel%"] = table[rel_cols].mean(axis=1) if rel_cols else float("nan")
-    return table.reset_index()
+def plot_frame(scored: list[Any]):
+    """The long frame :func:`recomp_eval.report.plots.plot_runs` draws (one row per run)."""
+    import pandas as pd
+
+    return pd.DataFrame([
+        {
+            "model": s.run.model, "protocol": s.run.protocol, "benchmark": s.run.benchmark,
+            "method": s.run.label, "method_name": s.run.method_name,
+            "budget": "adaptive" if s.run.retention == "adaptive" else "fixed",
+            "retention": s.run.retention, "tokens": float(s.run.record["tokens"]["mean"]),
+            "tflops": float(s.run.record["flops"].get("prefill_tflops", float("nan"))),
+            "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high,
+            "metric_label": metric_label(s.run.benchmark, s.key),
+        }
+        for s in scored
+    ])  # fmt: skip
 
 
-def slice_table(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Primary metric per tagged slice (``benchmark/slice/<tag>=<value>/<metric>`` keys).
+def write_tables(
+    root: Path | None,
+    out: Path,
+    pattern: str | None = None,
+    experiment: str | None = None,
+    on_conflict: str = "error",
+    include_superseded: bool = False,
+    n_boot: int = 1000,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Select runs, build every table and plot under ``out``; returns the tables and paths."""
+    selection = select_runs(root, pattern, experiment, include_superseded)
+    runs = resolve_cells(selection, on_conflict)
+    scored = score_runs(runs, n_boot=n_boot)
+    sets = row_sets(scored, disambiguate=on_conflict == "rows")
+    notes = selection.notes()
+    tables = {
+        "accuracy": accuracy_table(scored, sets, notes),
+        "accuracy_long": accuracy_long_table(scored, sets, notes),
+        "efficiency": efficiency_table(scored, sets, notes),
+    }
+    slices = slice_tables(scored, sets)
+    files = [p for t in [*tables.values(), *slices] for p in t.write(out)]
+    if slices:
+        text = "\n".join(t.to_markdown() for t in slices)
+        (out / "slices.md").write_text(text)
+        files.append(out / "slices.md")
+    figures = []
+    if plots:
+        from recomp_eval.report.plots import plot_runs
 
-    Columns are ``<benchmark> <tag>=<value>``; empty when no record carries slices.
-    """
-    rows = []
-    for rec in records:
-        method = rec["method"]
-        for key, value in rec["metrics"].items():
-            parts = key.split("/")
-            if len(parts) != 4 or parts[1] != "slice" or parts[3] == "n":
-                continue
-            rows.append({
-                "model": rec["model"].get("name", rec["model"].get("id")),
-                "protocol": rec["protocol"],
-                "method": method.get("label", method["name"]),
-                "retention": _retention_label(method.get("retention")),
-                "slice": f"{parts[0]} {parts[2]}",
-                "value": value,
-                "created": rec.get("created", ""),
-            })  # fmt: skip
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    index = ["model", "protocol", "method", "retention"]
-    frame = frame.sort_values("created").drop_duplicates([*index, "slice"], keep="last")
-    table = frame.pivot_table(index=index, columns="slice", values="value", aggfunc="first")
-    return table.reset_index()
-
-
-def efficiency_table(frame: pd.DataFrame) -> pd.DataFrame:
-    cols = [
-        "model",
-        "protocol",
-        "benchmark",
-        "method",
-        "retention",
-        "tokens",
-        "tflops",
-        "prefill_ms",
-        "decode_ms_per_token",
-        "peak_memory_mb",
-        "samples",
-        "reportable",
-    ]
-    return frame[cols].sort_values(cols[:5]).reset_index(drop=True)
-
-
-def _write(table: pd.DataFrame, out: Path, stem: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / f"{stem}.csv", index=False, float_format="%.4g")
-    (out / f"{stem}.md").write_text(table.to_markdown(index=False, floatfmt=".2f") + "\n")
-    (out / f"{stem}.tex").write_text(
-        table.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True)
-    )
-
-
-def plot_benchmarks(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """Per benchmark: primary metric against kept tokens and against prefill TFLOPs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for bench, group in frame.groupby("benchmark"):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for (method, _proto, _model), rows in group.groupby(["method", "protocol", "model"]):
-            rows = rows.sort_values("tokens")
-            for ax, x in zip(axes, ("tokens", "tflops")):
-                ax.plot(rows[x], rows["value"], marker="o", label=method)
-        metric = group["metric"].iloc[0]
-        for ax, xlabel in zip(axes, ("kept visual tokens", "prefill TFLOPs")):
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7, loc="best")
-        fig.suptitle(str(bench))
-        fig.tight_layout()
-        path = out / f"{bench}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def write_tables(root: Path, out: Path) -> dict[str, Any]:
-    """Aggregate every record under ``root`` into ``out``; returns the frames and plot paths."""
-    records = load_records(root)
-    frame = records_frame(records)
-    if frame.empty:
-        raise SystemExit(f"no results.json found under {root}; run an evaluation first")
-    acc = accuracy_table(frame)
-    eff = efficiency_table(frame)
-    slices = slice_table(records)
-    _write(acc, out, "accuracy")
-    _write(eff, out, "efficiency")
-    if not slices.empty:
-        _write(slices, out, "slices")
-    plots = plot_benchmarks(frame, out / "plots")
-    return {"frame": frame, "accuracy": acc, "efficiency": eff, "slices": slices, "plots": plots}
+        figures = plot_runs(plot_frame(scored), out / "plots")
+    return {**tables, "slices": slices, "scored": scored, "files": files, "plots": figures,
+            "left_out": selection.left_out}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("results"), help="folder to scan")
+    parser.add_argument("--root", type=Path, help="every results.json under this folder")
+    parser.add_argument("--glob", dest="pattern", help="run folders (or results.json) to use")
+    parser.add_argument("--experiment", help="only runs made by this experiment file")
     parser.add_argument("--out", type=Path, default=Path("results/tables"), help="output folder")
-    parser.add_argument("--slices", action="store_true", help="also print the slices table")
+    parser.add_argument(
+        "--on-conflict",
+        choices=("error", "rows"),
+        default="error",
+        help="two different runs in one cell: stop (default) or one row each",
+    )
+    parser.add_argument(
+        "--include-superseded",
+        action="store_true",
+        help="also show runs made on an earlier checkpoint/data content",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--slices", action="store_true", help="also print the slice tables")
     args = parser.parse_args(argv)
-    result = write_tables(args.root, args.out)
-    print(result["accuracy"].to_markdown(index=False, floatfmt=".2f"))
-    if args.slices and not result["slices"].empty:
-        table = result["slices"]
-        cols = [c for c in table.columns if "size=" in c and "size=none" not in c]
-        print("\nBy size of the object asked about (all slices in slices.md):\n")
-        print(table[["method", "retention", *cols]].to_markdown(index=False, floatfmt=".2f"))
-    print(f"\nwrote tables and plots to {args.out}")
+    if args.root is None and args.pattern is None:
+        args.root = Path("results/raw")
+    try:
+        result = write_tables(
+            args.root, args.out, args.pattern, args.experiment, args.on_conflict,
+            args.include_superseded, plots=not args.no_plots,
+        )  # fmt: skip
+    except TableInputError as err:
+        print(f"recomp-eval-tables: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(result["accuracy"].to_markdown())
+    if args.slices:
+        for table in result["slices"]:
+            print(table.to_markdown())
+    print(
+        f"wrote {len(result['files'])} table files and {len(result['plots'])} plots to {args.out}"
+    )
 
 
 if __name__ == "__main__":

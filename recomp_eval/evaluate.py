@@ -1,17 +1,18 @@
-"""``evaluate(cfg)``: load the model once, run every requested (method, retention), score, record.
+"""``evaluate(cfg)``: check the inputs, load the model once, run every (method, retention), record.
 
-Each run lives in a folder addressed by a hash of everything that changes its outputs (model,
-dtype, method and options, retention, protocol, dataset id/revision/split/version, limit,
-generation settings), so running the same command again resumes it.
+Each run lives in a folder addressed by its run key (:mod:`recomp_eval.runs`: everything that
+changes answers, checkpoint and data contents included), so running the same command again
+resumes it; the folder's bookkeeping (claim, identity, processes, supersession) is
+:mod:`recomp_eval.run_folder`. Cheap checks come first: runner settings, output folder, the
+dataset and every method's options are validated before the model is loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import statistics
 from collections.abc import Iterator
-from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +20,53 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recomp_eval import keepmap
+from recomp_eval.benchmarks.base import BadSample
 from recomp_eval.config_path import CONFIG_DIR
-from recomp_eval.methods import BuiltMethod, build_method, check_retention
-from recomp_eval.records import RunRecord, environment, stable_hash, write_json_atomic
-from recomp_eval.runner import PendingSample, SampleStore, run_loop
-from recomp_eval.summary import (
-    flops_summary,
-    latency_summary,
-    num_patches,
-    peak_memory,
-    primary_metric_key,
-    slice_metrics,
+from recomp_eval.methods import BuiltMethod, build_method
+from recomp_eval.records import RunRecord, stable_hash, write_json_atomic
+from recomp_eval.run_folder import (
+    ContentsChangedError,
+    RunFolder,
+    describe_changes,
+    read_json,
+    run_peak_memory,
 )
+from recomp_eval.runner import PendingSample, SampleStore, check_runner_config, run_loop
+from recomp_eval.runs import (
+    RunSpec,
+    context_key,
+    effective_retention,
+    expand_runs,
+    folder_name,
+    pairing_key,
+    run_dir,
+    settings_key,
+)
+from recomp_eval.summary import build_record, num_patches, peak_memory
 from recomp_eval.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Evaluation", "RunSpec", "build_benchmark", "evaluate", "expand_runs", "load_model"]
 
-@dataclass
-class RunSpec:
-    """One (method, retention, options) to evaluate on the loaded model."""
 
-    method: str
-    retention: float | None
-    options: dict[str, Any]
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a stop hook) during a run; ``str()`` says what is saved and how to resume."""
 
-    @property
-    def label(self) -> str:
-        variant = self.options.get("variant")
-        return f"{self.method}[{variant}]" if variant else self.method
+
+def model_path(model_cfg: DictConfig | dict[str, Any]) -> str:
+    """The folder (or hub id) the model loads from (``id: tiny`` builds the offline tiny model)."""
+    from recomp_eval.models.tiny import build_tiny
+
+    model_id = str(dict(model_cfg)["id"])
+    return str(build_tiny()) if model_id == "tiny" else resolve_local(model_id)
 
 
 def load_model(model_cfg: DictConfig | dict[str, Any]):
     """Load the configured checkpoint (``id: tiny`` builds the offline tiny model)."""
     from recomp_eval.models.loader import load_llava
-    from recomp_eval.models.tiny import build_tiny
 
     cfg = dict(model_cfg)
-    model_id = str(build_tiny()) if cfg["id"] == "tiny" else resolve_local(str(cfg["id"]))
     device = cfg.get("device", "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
@@ -64,7 +74,7 @@ def load_model(model_cfg: DictConfig | dict[str, Any]):
             f"(and model.dtype=float32 or bfloat16 on CPU)"
         )
     return load_llava(
-        model_id,
+        model_path(cfg),
         dtype=cfg.get("dtype", "float32"),
         device=device,
         attn_implementation=cfg.get("attn_implementation", "sdpa"),
@@ -81,33 +91,6 @@ def resolve_local(model_id: str) -> str:
     return str(in_repo) if in_repo.exists() else model_id  # else: a hub id
 
 
-def expand_runs(cfg: DictConfig) -> list[RunSpec]:
-    """The ``runs`` list, or the single ``method`` group selection with top-level retention."""
-    base = OmegaConf.to_container(cfg.method, resolve=True)
-    assert isinstance(base, dict)
-    specs = []
-    entries = list(cfg.get("runs") or []) or [{}]
-    for entry in entries:
-        entry = (
-            OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
-        )
-        if entry.get("method") and entry["method"] != base.get("name"):
-            options: dict[str, Any] = {}
-            method_name = entry["method"]
-            default_retention = None
-        else:
-            options = {k: v for k, v in base.items() if k not in ("name", "retention")}
-            method_name = base["name"]
-            default_retention = base.get("retention")
-        options.update(entry.get("options") or {})
-        retention = entry.get("retention", cfg.get("retention"))
-        if retention is None:
-            retention = default_retention
-        check_retention(retention)
-        specs.append(RunSpec(method_name, retention, options))
-    return specs
-
-
 def build_benchmark(bench_cfg: dict[str, Any], limit: int | None = None):
     """Instantiate the benchmark config (``_target_`` names the class); ``limit`` overrides."""
     from hydra.utils import instantiate
@@ -120,6 +103,21 @@ def build_benchmark(bench_cfg: dict[str, Any], limit: int | None = None):
     return instantiate(cfg, _convert_="all")
 
 
+def check_output_root(cfg: DictConfig) -> None:
+    """``paths.root`` and ``paths.records_dir`` must be folders (created when missing)."""
+    for key in ("root", "records_dir"):
+        path = Path(str(cfg.paths[key]))
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"paths.{key}={path} is a file, not a folder; point paths.root at a folder "
+                f"(it is created when missing)"
+            )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 class Evaluation:
     """State shared by the runs of one process: config, model bundle, benchmark, protocol."""
 
@@ -127,19 +125,28 @@ class Evaluation:
         from recomp_eval.benchmarks.prompts import generation_settings
 
         self.cfg = cfg
+        check_runner_config(cfg.runner)
+        check_output_root(cfg)
         torch.manual_seed(int(cfg.seed))
         if cfg.runner.get("torch_threads"):
             torch.set_num_threads(int(cfg.runner.torch_threads))
-        self.bundle = bundle if bundle is not None else load_model(cfg.model)
         self.protocol = str(cfg.protocol.name)
         bench_cfg = OmegaConf.to_container(cfg.benchmark, resolve=True)
         assert isinstance(bench_cfg, dict)
         self.bench_cfg = bench_cfg
+        self.specs = expand_runs(cfg)
+        self.methods = [  # bad retention or unknown options fail before anything loads
+            build_method(s.method, retention=s.retention, **s.options) for s in self.specs
+        ]
         self.benchmark = build_benchmark(bench_cfg, limit=cfg.get("limit"))
+        len(self.benchmark)  # reads the split: missing data fails before the model loads
         self.settings = dict(generation_settings(self.benchmark.name, self.protocol))
         if cfg.runner.get("max_new_tokens"):  # smoke tests only; part of the run key
             self.settings["max_new_tokens"] = int(cfg.runner.max_new_tokens)
         self.records_dir = Path(cfg.paths.records_dir)
+        self.contents = self.fingerprint_inputs(bundle)
+        self.bundle = bundle if bundle is not None else load_model(cfg.model)
+        self.started = _now()
         self.vision_cache = None
         if cfg.runner.get("share_vision"):  # one tower pass per batch across `runs` (opt-in)
             self.vision_cache = self.shared_vision_cache()
@@ -151,17 +158,40 @@ class Evaluation:
 
         n_layers = vision_tower(self.bundle.model).config.num_hidden_layers
         q_layers, k_layers = set(), set()
-        for spec in expand_runs(self.cfg):
-            q, k = hook_layers(build_method(spec.method, retention=spec.retention,
-                                            **spec.options).spec, n_layers)  # fmt: skip
+        for method in self.methods:
+            q, k = hook_layers(method.spec, n_layers)
             q_layers.update(q)
             k_layers.update(k)
         return VisionCache(q_layers, k_layers)
 
     # --- identity of a run ----------------------------------------------------------------------
 
-    def run_identity(self, spec: RunSpec, method: BuiltMethod) -> dict[str, Any]:
+    def fingerprint_inputs(self, bundle: Any) -> dict[str, Any]:
+        """Fingerprints of the checkpoint, the CLIP text tower and the data folder (cheap by
+        default; ``runner.fingerprint=full`` hashes every byte once and caches it)."""
+        from recomp_eval.fingerprint import checkpoint_fingerprint, data_fingerprint
+
+        mode = str(self.cfg.runner.get("fingerprint") or "quick")
+        checkpoint = bundle.model_id if bundle is not None else model_path(self.cfg.model)
+        out: dict[str, Any] = {
+            "checkpoint": checkpoint_fingerprint(checkpoint, self.cfg.model.get("revision"), mode)
+        }
+        data_dir = self.bench_cfg.get("data_dir")
+        out["data"] = data_fingerprint(data_dir, mode) if data_dir else None
+        out["clip_text"] = None
+        if any(m.spec.text is not None for m in self.methods):
+            clip = self.cfg.model.get("clip_text_id") or (
+                bundle.clip_text_id if bundle is not None else None
+            )
+            if clip is None:
+                sub = Path(checkpoint) / "clip"
+                clip = str(sub) if sub.is_dir() else "openai/clip-vit-large-patch14-336"
+            out["clip_text"] = checkpoint_fingerprint(resolve_local(str(clip)), None, mode)
+        return out
+
+    def run_identity(self, spec: RunSpec, method: BuiltMethod, retention) -> dict[str, Any]:
         model = self.cfg.model
+        digest = lambda fp: None if fp is None else fp.digest  # noqa: E731
         return {
             "model": {
                 "id": str(model.id),
@@ -169,43 +199,105 @@ class Evaluation:
                 "dtype": str(model.dtype),
                 "attn": str(model.get("attn_implementation", "sdpa")),
             },
-            "method": {"name": spec.method, "config": method.config, "retention": spec.retention},
+            "method": {
+                "name": spec.method,
+                "config": method.config,
+                "retention": retention,
+                # the text tower is an input of text-guided methods only
+                "clip_text": digest(self.contents["clip_text"]) if method.spec.text else None,
+            },
             "protocol": OmegaConf.to_container(self.cfg.protocol, resolve=True),
             "benchmark": {k: v for k, v in self.bench_cfg.items() if k not in ("data_dir",)},
             "revision": self.benchmark_revision(),
             "limit": self.cfg.get("limit"),
             "generation": self.settings,
+            "contents": {
+                "checkpoint": digest(self.contents["checkpoint"]),
+                "data": digest(self.contents["data"]),
+            },
         }
 
     def benchmark_revision(self) -> str | None:
         source = getattr(self.benchmark, "source", None)
         if source is None:
-            len(self.benchmark)  # loads the split and resolves its source
-            source = getattr(self.benchmark, "source", None)
-        if source is None:
             return None
         return source.resolved_revision or source.revision
 
-    def run_dir(self, spec: RunSpec, key: str) -> Path:
-        ret = "adaptive" if spec.retention is None else f"r{spec.retention:g}"
-        label = spec.label.replace("[", "-").replace("]", "")
-        return (
-            self.records_dir
-            / self.benchmark.name
-            / str(self.cfg.model.name)
-            / self.protocol
-            / f"{label}-{ret}-{key}"
-        )
+    def run_path(self, spec: RunSpec, retention, key: str) -> Path:
+        name = folder_name(spec, retention, key)
+        return run_dir(self.records_dir, self.benchmark.name, str(self.cfg.model.name),
+                       self.protocol, name)  # fmt: skip
+
+    def identity_document(self, spec, identity, key: str, used: set[str]) -> dict[str, Any]:
+        fingerprints = {
+            k: (fp.to_dict() if fp is not None and k in used else None)
+            for k, fp in self.contents.items()
+        }
+        return {
+            "run_key": key,
+            "settings_key": settings_key(identity),
+            "context_key": context_key(identity),
+            "pairing_key": pairing_key(identity),
+            "label": spec.label,
+            "identity": identity,
+            "fingerprints": fingerprints,
+        }
+
+    def settle_folder(self, folder: RunFolder, document: dict[str, Any]) -> tuple[RunFolder, list]:
+        """Compare with earlier runs of the same settings; apply ``runner.on_change``.
+
+        Returns the folder to use (``resume`` may pick the earlier one) and notes for the record.
+        """
+        policy = str(self.cfg.runner.get("on_change") or "new")
+        earlier = [s for s in folder.siblings(document["settings_key"]) if not s.superseded()]
+        notes: list[str] = []
+        for other in earlier:
+            changes = describe_changes(other.identity()["fingerprints"], document["fingerprints"])
+            what = "; ".join(changes) or "contents changed"
+            if policy == "stop":
+                raise ContentsChangedError(
+                    f"{what} since the earlier run in {other.path}; rerun with "
+                    f"runner.on_change=new to start a new run folder, or runner.on_change=resume "
+                    f"to keep the earlier answers"
+                )
+            if policy == "resume":
+                notes.append(f"resumed {other.path.name} across a change: {what}")
+                log.warning("resuming %s although %s (runner.on_change=resume)", other.path, what)
+                return other, notes
+            other.mark_superseded(folder, changes)
+            log.warning(
+                "%s since %s: starting a new run in %s (the earlier answers stay there, marked "
+                "superseded; runner.on_change=stop to stop instead)", what, other.path, folder.path
+            )  # fmt: skip
+        folder.clear_superseded()
+        return folder, notes
 
     # --- one run --------------------------------------------------------------------------------
 
-    def pending(self, done: dict[str, Any]) -> Iterator[PendingSample]:
-        from recomp_eval.benchmarks.prompts import user_prompt
+    def pending(self, done: dict[str, Any], too_long: list[BadSample]) -> Iterator[PendingSample]:
+        """Samples not yet done whose prompt fits the model's context (others go to ``too_long``).
 
+        Rule: text tokens + every visual token of the uncompressed image + ``max_new_tokens``
+        must fit ``runner.context_length`` (default: the LLM's ``max_position_embeddings``), so
+        every method skips the same samples and comparisons stay paired.
+        """
+        from recomp_eval.benchmarks.prompts import user_prompt
+        from recomp_eval.pipeline import prompt_text_tokens
+
+        config = self.bundle.model.config
+        context = (
+            self.cfg.runner.get("context_length") or config.text_config.max_position_embeddings
+        )
+        budget = int(context) - num_patches(config) - int(self.settings["max_new_tokens"])
         for sample in self.benchmark.iterate(skip=done.keys()):
-            yield PendingSample(
-                sample.sample_id, sample, user_prompt(sample, self.protocol), "default"
-            )
+            text = user_prompt(sample, self.protocol)
+            n_text = prompt_text_tokens(self.bundle, text, self.protocol)
+            if n_text > budget:
+                detail = (f"{n_text} text + {num_patches(config)} visual + "
+                          f"{self.settings['max_new_tokens']} new tokens > context {context}")  # fmt: skip
+                too_long.append(BadSample(sample.sample_id, "prompt_too_long", detail))
+                continue
+            yield PendingSample(sample.sample_id, sample, text, "default")
 
     def generate_batch(self, method: BuiltMethod, batch: list[PendingSample], warm: bool):
         from recomp_eval.pipeline import generate
@@ -247,145 +339,115 @@ class Evaluation:
             )
         return rows
 
-    def run(self, spec: RunSpec) -> RunRecord:
-        method = build_method(spec.method, retention=spec.retention, **spec.options)
-        identity = self.run_identity(spec, method)
+    def run(self, spec: RunSpec, method: BuiltMethod) -> RunRecord:
+        retention = effective_retention(spec, method.config)
+        identity = self.run_identity(spec, method, retention)
         key = stable_hash(identity)
-        out_dir = self.run_dir(spec, key)
-        store = SampleStore(out_dir / "samples.jsonl")
+        used = {"checkpoint", "data"} | ({"clip_text"} if method.spec.text else set())
+        document = self.identity_document(spec, identity, key, used)
+        folder, notes = self.settle_folder(RunFolder(self.run_path(spec, retention, key)), document)
+        with folder.claim(str(self.cfg.runner.get("on_busy") or "exit")):
+            if folder.identity() is None:
+                folder.write_identity({**document, "created": _now()})
+            return self._run_in(folder, spec, method, retention, notes)
+
+    def _run_in(self, folder: RunFolder, spec, method, retention, notes) -> RunRecord:
+        document = folder.identity()
+        store = SampleStore(folder.path / "samples.jsonl")
         done = store.load()
         if done:
-            log.info("resuming %s: %d samples already done", out_dir, len(done))
+            log.info("resuming %s: %d samples already done", folder.path, len(done))
         device = self.bundle.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         warmup = int(self.cfg.runner.warmup_batches)
-        counter = {"batches": 0}
+        counter = {"batches": 0, "samples": 0}
 
         def gen(batch: list[PendingSample]) -> list[dict[str, Any]]:
             warm = counter["batches"] >= warmup
             counter["batches"] += 1
-            return self.generate_batch(method, batch, warm)
+            rows = self.generate_batch(method, batch, warm)
+            counter["samples"] += len(rows)
+            return rows
 
+        def after_batch() -> None:
+            folder.note_process(self.started, counter["samples"], peak_memory(device))
+
+        too_long: list[BadSample] = []
         total = max(0, len(self.benchmark) - len(done))
-        run_loop(
-            self.pending(done),
-            gen,
-            store,
-            batch_size=int(self.cfg.runner.batch_size),
-            window=int(self.cfg.runner.sort_window),
-            total=total,
-            desc=f"{self.benchmark.name}:{spec.label}@{spec.retention}",
-            stop_after=self.cfg.runner.get("stop_after_batches"),
+        desc = (
+            f"{self.benchmark.name}:{spec.label}@{'adaptive' if retention is None else retention}"
         )
+        try:
+            run_loop(
+                self.pending(done, too_long),
+                gen,
+                store,
+                batch_size=int(self.cfg.runner.batch_size),
+                window=int(self.cfg.runner.sort_window),
+                total=total,
+                desc=desc,
+                stop_after=self.cfg.runner.get("stop_after_batches"),
+                after_batch=after_batch,
+            )
+        except KeyboardInterrupt:
+            saved = len(done) + counter["samples"]
+            raise RunInterrupted(
+                f"interrupted: {saved} samples of {spec.label} are saved in {folder.path}; "
+                f"rerun the same command to resume"
+            ) from None
+        if too_long:
+            log.warning(
+                "skipped %d samples whose prompt does not fit the model's context (listed in "
+                "results.json as prompt_too_long), e.g. %s: %s",
+                len(too_long), too_long[0].sample_id, too_long[0].detail,
+            )  # fmt: skip
         rows = list(store.load().values())
-        record = self.make_record(spec, method, identity, key, rows)
-        write_json_atomic(out_dir / "results.json", record.to_dict())
-        log.info("wrote %s", out_dir / "results.json")
+        record = build_record(
+            self, spec, method, retention, document, rows, too_long,
+            run_peak_memory(folder.processes(), peak_memory(device)), notes, folder.path,
+        )  # fmt: skip
+        previous = (folder.path / "results.json").is_file()
+        record.experiments = sorted(set(record.experiments) | self._earlier_experiments(folder))
+        write_json_atomic(folder.path / "results.json", record.to_dict())
+        log.info("%s %s", "rewrote" if previous else "wrote", folder.path / "results.json")
         return record
 
-    # --- the record -----------------------------------------------------------------------------
+    @staticmethod
+    def _earlier_experiments(folder: RunFolder) -> set[str]:
+        earlier = read_json(folder.path / "results.json") or {}
+        return set(earlier.get("experiments") or [])
 
-    def make_record(self, spec, method, identity, key, rows) -> RunRecord:
-        from recomp_eval.metrics import score
-
-        bench = self.benchmark.name
-        metric_names = (
-            self.bench_cfg.get("metrics", {}).get(self.protocol)
-            if isinstance(self.bench_cfg.get("metrics"), dict)
-            else None
-        )
-        metrics = score(bench, rows, self.protocol, metrics=metric_names)
-        metrics.update(self.loyalty(spec, rows))
-        primary = primary_metric_key(metrics, bench, self.protocol)
-        data_dir = self.bench_cfg.get("data_dir")
-        metrics.update(slice_metrics(rows, bench, self.protocol, primary, metric_names, data_dir))
-        kept = [float(r["kept_tokens"]) for r in rows]
-        latency = latency_summary(rows)
-        flops = flops_summary(self.bundle.model.config, method, rows)
-        report = self.benchmark.report()
-        n_total = len(rows) + report.get("n_skipped", 0)
-        reportable = self.cfg.get("limit") is None and self.bundle.device.type == "cuda"
-        prompt = next((r["prompt"] for r in rows if r.get("prompt")), None)
-        return RunRecord(
-            run_key=key,
-            model={
-                "name": str(self.cfg.model.name),
-                "id": str(self.cfg.model.id),
-                "dtype": str(self.cfg.model.dtype),
-            },
-            benchmark={
-                "name": bench,
-                "version": self.benchmark.version,
-                "source": report.get("source"),
-                "split": self.bench_cfg.get("split"),
-            },
-            protocol=self.protocol,
-            method={
-                "name": spec.method,
-                "label": spec.label,
-                "retention": spec.retention,
-                "options": spec.options,
-                "config": method.config,
-            },
-            metrics=metrics,
-            primary_metric=primary,
-            tokens={
-                "mean": statistics.fmean(kept) if kept else float("nan"),
-                "min": min(kept, default=float("nan")),
-                "max": max(kept, default=float("nan")),
-                "requested_retention": spec.retention,
-            },
-            latency_ms=latency,
-            flops=flops,
-            samples={
-                "evaluated": len(rows),
-                "total": n_total,
-                "skipped": report.get("n_skipped", 0),
-                "skipped_ids": report.get("skipped", []),
-                "converted": report.get("n_converted", 0),
-                "first_prompt": prompt,
-            },
-            reportable=reportable,
-            peak_memory_mb=peak_memory(self.bundle.device),
-            env=environment(str(self.bundle.device)),
-            config=OmegaConf.to_container(self.cfg, resolve=True),  # type: ignore[arg-type]
-        )
-
-    def loyalty(self, spec: RunSpec, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """Loyalty metrics against the uncompressed run of the same setting, when it exists."""
-        if spec.method == "none":
-            return {}
-        from recomp_eval.metrics.loyalty import loyalty_metrics
-
+    def reference_rows(self) -> list[dict[str, Any]]:
+        """Per-sample rows of the uncompressed run of the same setting, when it exists."""
         ref_spec = RunSpec("none", None, {})
         ref_method = build_method("none")
-        ref_key = stable_hash(self.run_identity(ref_spec, ref_method))
-        ref_store = SampleStore(self.run_dir(ref_spec, ref_key) / "samples.jsonl")
-        reference = list(ref_store.load().values()) if ref_store.path.exists() else []
-        if not reference:
-            return {}
-        return loyalty_metrics(rows, reference, self.benchmark.name, self.protocol)
+        identity = self.run_identity(ref_spec, ref_method, None)
+        ref_store = SampleStore(
+            self.run_path(ref_spec, None, stable_hash(identity)) / "samples.jsonl"
+        )
+        return list(ref_store.load().values()) if ref_store.path.exists() else []
 
 
 def evaluate(cfg: DictConfig, bundle: Any = None) -> list[RunRecord]:
     """Run every configured (method, retention) on one loaded model; returns their records."""
     evaluation = Evaluation(cfg, bundle)
     records = []
-    for spec in expand_runs(cfg):
+    for spec, method in zip(evaluation.specs, evaluation.methods):
         identity_cfg = OmegaConf.to_container(cfg, resolve=True)
+        logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
         tracker = (
             make_tracker(
-                OmegaConf.to_container(cfg.logger, resolve=True),  # type: ignore[arg-type]
+                logger_cfg,  # type: ignore[arg-type]
                 name=f"{evaluation.benchmark.name}-{spec.label}-{spec.retention}",
-                config={**identity_cfg, "run": spec.__dict__},  # type: ignore[dict-item]
+                config={**identity_cfg, "run": {**spec.__dict__, "label": spec.label}},  # type: ignore[dict-item]
                 output_dir=Path(cfg.paths.root),
             )
             if cfg.logger.get("name", "none") != "none"
             else make_tracker(None)
         )
         with tracker:
-            record = evaluation.run(spec)
+            record = evaluation.run(spec, method)
             tracker.log_metrics(
                 {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
             )
@@ -406,8 +468,7 @@ def log_samples(tracker, evaluation: Evaluation, spec: RunSpec, record: RunRecor
         return
     import matplotlib.pyplot as plt
 
-    key = record.run_key
-    store = SampleStore(evaluation.run_dir(spec, key) / "samples.jsonl")
+    store = SampleStore(Path(record.run_dir) / "samples.jsonl")
     rows_by_id = store.load()
     grid = round(num_patches(evaluation.bundle.model.config) ** 0.5)
     table = []

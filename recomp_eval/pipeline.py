@@ -79,6 +79,15 @@ def prepare_batch(
     return PreparedBatch(prompts=prompts, prompt_ids=prompt_ids, pixel_values=pixel_values)
 
 
+def prompt_text_tokens(bundle: ModelBundle, user_text: str, protocol: str) -> int:
+    """Tokens of the rendered prompt other than the image placeholder (before expansion)."""
+    prompt = render_prompt(
+        protocol, user_text, bundle.tokenizer, bundle.processor, bundle.image_token
+    )
+    ids = bundle.tokenizer(prompt)["input_ids"]
+    return sum(1 for t in ids if t != bundle.image_token_id)
+
+
 def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     return text[:cut] if cut >= 0 else text

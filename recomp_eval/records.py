@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: run identity covers checkpoint/data contents (identity, run_dir fields)
 PACKAGES = (
     "torch",
     "transformers",
@@ -52,6 +52,10 @@ class RunRecord:
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    run_dir: str = ""  # the run folder (samples.jsonl, identity.json, processes.json)
+    identity: dict[str, Any] = field(default_factory=dict)  # settings/context keys, contents
+    experiments: list[str] = field(default_factory=list)  # experiment files that ran it
+    notes: list[str] = field(default_factory=list)  # e.g. resumed across a contents change
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     schema: int = SCHEMA_VERSION
 
@@ -133,7 +137,11 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def load_records(root: Path) -> list[dict[str, Any]]:
-    """Every ``results.json`` under ``root`` (recursively), sorted by path."""
+    """Every ``results.json`` of the current schema under ``root`` (recursively), by path.
+
+    Records of an older schema are left out (their run identity did not cover the checkpoint
+    and data contents, so their answers may be stale).
+    """
     records = []
     for path in sorted(Path(root).rglob("results.json")):
         with open(path) as handle:

@@ -55,10 +55,13 @@ class SampleStore:
         if not rows:
             return
         payload = "".join(json.dumps(r, default=str) + "\n" for r in rows)
-        with open(self.path, "a") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:  # name the file (a failed write() carries no file name)
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
 
 
 @dataclass
@@ -110,10 +113,12 @@ def run_loop(
     total: int | None = None,
     desc: str = "eval",
     stop_after: int | None = None,
+    after_batch: Callable[[], None] | None = None,
 ) -> int:
     """Generate every pending sample in batches and append their records; returns the count.
 
-    ``stop_after`` (batches) exists for crash tests: the loop raises after that many batches.
+    ``after_batch`` runs after each batch is stored (progress bookkeeping). ``stop_after``
+    (batches) exists for crash tests: the loop raises after that many batches.
     """
     done = 0
     started = time.perf_counter()
@@ -124,6 +129,8 @@ def run_loop(
                 raise KeyboardInterrupt(f"stopped after {stop_after} batches (test hook)")
             rows = generate_batch(batch)
             store.append(rows)
+            if after_batch is not None:
+                after_batch()
             done += len(rows)
             bar.update(len(rows))
             elapsed = time.perf_counter() - started
@@ -131,3 +138,38 @@ def run_loop(
     finally:
         bar.close()
     return done
+
+
+RUNNER_CHOICES = {
+    "on_busy": ("exit", "wait"),
+    "on_change": ("new", "stop", "resume"),
+    "fingerprint": ("quick", "full"),
+}
+RUNNER_MINIMA = {  # key -> smallest allowed value (null allowed where the default is null)
+    "batch_size": 1,
+    "sort_window": 1,
+    "warmup_batches": 0,
+    "keep_maps": 0,
+    "torch_threads": 1,
+    "max_new_tokens": 1,
+    "stop_after_batches": 0,
+    "context_length": 1,
+}
+RUNNER_REQUIRED = ("batch_size", "sort_window", "warmup_batches", "keep_maps")
+
+
+def check_runner_config(runner: Any) -> None:
+    """One-line errors for impossible ``runner`` settings, before anything is loaded."""
+    for key, smallest in RUNNER_MINIMA.items():
+        value = runner.get(key)
+        if value is None and key not in RUNNER_REQUIRED:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            raise ValueError(
+                f"runner.{key}={value}: must be an integer >= {smallest}"
+                + ("" if key in RUNNER_REQUIRED else " or null")
+            )
+    for key, allowed in RUNNER_CHOICES.items():
+        value = runner.get(key)
+        if value is not None and value not in allowed:
+            raise ValueError(f"runner.{key}={value}: use one of {', '.join(allowed)}")

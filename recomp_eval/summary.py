@@ -145,3 +145,112 @@ def flops_summary(config: Any, method: BuiltMethod, rows: list[dict[str, Any]]) 
         "vision_tflops": vit,
         "formula": "swiglu: 2*(4nd^2 + 2n^2d + 3ndm) per layer (GQA-aware QKVO); fastv: 2ndm FFN",
     }
+
+
+def build_record(
+    evaluation: Any,
+    spec: Any,
+    method: BuiltMethod,
+    retention: float | None,
+    document: dict[str, Any],
+    rows: list[dict[str, Any]],
+    too_long: list[Any],
+    memory: dict[str, Any],
+    notes: list[str],
+    run_dir: Path,
+) -> Any:
+    """The :class:`~recomp_eval.records.RunRecord` of a finished run.
+
+    Args:
+        evaluation: the :class:`~recomp_eval.evaluate.Evaluation` (config, bundle, benchmark).
+        spec, method, retention: the run (``retention``: the effective one, None = adaptive).
+        document: the run folder's identity document (``identity.json``).
+        rows: every per-sample row of the run.
+        too_long: samples skipped because their prompt does not fit the context.
+        memory: the run's peak memory over the processes that generated it.
+        notes: remarks for the record (e.g. resumed across a contents change).
+        run_dir: the run folder.
+    """
+    from omegaconf import OmegaConf
+
+    from recomp_eval.metrics import score
+    from recomp_eval.records import RunRecord, environment
+
+    cfg, bench_cfg, protocol = evaluation.cfg, evaluation.bench_cfg, evaluation.protocol
+    bench = evaluation.benchmark.name
+    metric_names = (
+        bench_cfg.get("metrics", {}).get(protocol)
+        if isinstance(bench_cfg.get("metrics"), dict)
+        else None
+    )
+    metrics = score(bench, rows, protocol, metrics=metric_names)
+    if spec.method != "none":
+        reference = evaluation.reference_rows()
+        if reference:
+            from recomp_eval.metrics.loyalty import loyalty_metrics
+
+            metrics.update(loyalty_metrics(rows, reference, bench, protocol))
+    primary = primary_metric_key(metrics, bench, protocol)
+    data_dir = bench_cfg.get("data_dir")
+    metrics.update(slice_metrics(rows, bench, protocol, primary, metric_names, data_dir))
+    kept = [float(r["kept_tokens"]) for r in rows]
+    report = evaluation.benchmark.report()
+    skipped = list(report.get("skipped", [])) + [b.__dict__ for b in too_long]
+    device = evaluation.bundle.device
+    prompt = next((r["prompt"] for r in rows if r.get("prompt")), None)
+    identity = document["identity"]
+    limited = cfg.get("limit") if cfg.get("limit") is not None else bench_cfg.get("limit")
+    return RunRecord(
+        run_key=document["run_key"],
+        model={"name": str(cfg.model.name), "id": str(cfg.model.id), "dtype": str(cfg.model.dtype)},
+        benchmark={
+            "name": bench,
+            "version": evaluation.benchmark.version,
+            "source": report.get("source"),
+            "split": bench_cfg.get("split"),
+        },
+        protocol=protocol,
+        method={
+            "name": spec.method,
+            "label": spec.label,
+            "retention": retention,
+            "budget": "adaptive" if retention is None else "fixed",
+            "options": spec.options,
+            "config": method.config,
+        },
+        metrics=metrics,
+        primary_metric=primary,
+        tokens={
+            "mean": statistics.fmean(kept) if kept else float("nan"),
+            "min": min(kept, default=float("nan")),
+            "max": max(kept, default=float("nan")),
+            "requested_retention": retention,
+        },
+        latency_ms=latency_summary(rows),
+        flops=flops_summary(evaluation.bundle.model.config, method, rows),
+        samples={
+            "evaluated": len(rows),
+            "total": len(rows) + len(skipped),
+            "skipped": len(skipped),
+            "skipped_ids": skipped,
+            "prompt_too_long": len(too_long),
+            "converted": report.get("n_converted", 0),
+            "first_prompt": prompt,
+        },
+        reportable=limited is None and device.type == "cuda",
+        peak_memory_mb=memory,
+        env=environment(str(device)),
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        run_dir=str(run_dir),
+        identity={
+            "settings_key": document["settings_key"],
+            "context_key": document["context_key"],
+            "pairing_key": document["pairing_key"],
+            "contents": identity["contents"],
+            "fingerprint_mode": str(cfg.runner.get("fingerprint") or "quick"),
+            "limit": limited,
+            "revision": identity["revision"],
+        },
+        experiments=[str(cfg.experiment_name)] if cfg.get("experiment_name") else [],
+        notes=list(notes),
+    )

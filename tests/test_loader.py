@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,13 @@ from PIL import Image
 
 from recomp_eval.models.conversation import VICUNA_V1_SYSTEM, render_prompt
 from recomp_eval.models.images import expand_to_square, mean_colour, preprocess_images
-from recomp_eval.models.loader import ModelUnavailableError, load_clip_text, load_llava
+from recomp_eval.models.loader import (
+    BadCheckpointError,
+    ModelUnavailableError,
+    check_checkpoint_folder,
+    load_clip_text,
+    load_llava,
+)
 from recomp_eval.models.tiny import TinySpec, build_tiny
 
 
@@ -69,6 +79,161 @@ def test_clip_text_loaded_once(bundle):
     assert load_clip_text(bundle.clip_text_id, torch.float32, torch.device("cpu")) is a
     assert a.visual_projection.bias is None
     assert a.visual_projection.in_features == bundle.model.config.vision_config.hidden_size
+
+
+def _copy(folder: Path, tmp_path: Path, name: str = "ckpt") -> Path:
+    return Path(shutil.copytree(folder, tmp_path / name))
+
+
+def _one_line_error(path: Path, *needles: str, load=load_llava) -> str:
+    """``load(path)`` raises one line naming ``needles`` and no hub download advice."""
+    with pytest.raises(ModelUnavailableError) as info:
+        load(str(path), dtype="float32")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "huggingface-cli download" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    "keep", [0.5, 0.999, 100, 4], ids=["half", "last-bytes", "inside-header", "no-length"]
+)
+def test_truncated_safetensors_is_one_line_error(folder, tmp_path, keep):
+    ckpt = _copy(folder, tmp_path)
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    msg = _one_line_error(ckpt, str(weights), "truncated", "re-download it (partial download?)")
+    with pytest.raises(BadCheckpointError, match="truncated"):
+        check_checkpoint_folder(ckpt)
+    assert "re-download" in msg
+
+
+def test_corrupt_safetensors_header_and_trailing_bytes(folder, tmp_path):
+    ckpt = _copy(folder, tmp_path)
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data + b"\0" * 16)
+    _one_line_error(ckpt, str(weights), "corrupt", "16 past its tensor data", "re-download it")
+    weights.write_bytes(data[:8] + b"{bad" + data[12:])
+    _one_line_error(ckpt, str(weights), "corrupt", "header is not valid")
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "generation_config.json"])
+def test_invalid_json_is_one_line_error(folder, tmp_path, name):
+    ckpt = _copy(folder, tmp_path)
+    (ckpt / name).write_text("{bad json")
+    _one_line_error(ckpt, f"invalid JSON in {ckpt / name}", "line 1 column 2", "re-download")
+    (ckpt / name).write_text("")
+    _one_line_error(ckpt, str(ckpt / name), "empty file")
+
+
+def test_folder_without_config_is_not_a_checkpoint(folder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(empty, f"not a checkpoint folder: no config.json in {empty}", "model.id")
+    # one level too high: the checkpoint is a sub-folder
+    _copy(folder, tmp_path / "parent", "llava")
+    _one_line_error(tmp_path / "parent", "no config.json", "folder that holds config.json")
+    # the same check guards the CLIP text tower, naming its own setting
+    clip = _copy(folder / "clip", tmp_path, "clip")
+    (clip / "config.json").unlink()
+    _one_line_error(clip, str(clip), "model.clip_text_id", load=load_clip_text)
+
+
+def test_folder_without_weights_is_one_line_error(folder, tmp_path):
+    ckpt = _copy(folder, tmp_path)
+    (ckpt / "model.safetensors").unlink()
+    _one_line_error(ckpt, f"no weight files in {ckpt}", "re-download")
+
+
+def _shard(ckpt: Path, parts: int = 2) -> list[str]:
+    """Split ``model.safetensors`` into ``parts`` shards with a ``model.safetensors.index.json``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    names = [f"model-{i + 1:05d}-of-{parts:05d}.safetensors" for i in range(parts)]
+    weight_map = {}
+    for i, name in enumerate(names):
+        chunk = {k: tensors[k] for k in keys[i::parts]}
+        save_file(chunk, ckpt / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, name))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    return names
+
+
+def test_sharded_index_with_missing_shard_is_one_line_error(folder, tmp_path):
+    ckpt = _copy(folder, tmp_path)
+    names = _shard(ckpt)
+    check_checkpoint_folder(ckpt)
+    intact = load_llava(str(ckpt), dtype="float32")
+    assert sum(p.numel() for p in intact.model.parameters()) > 0
+    (ckpt / names[1]).unlink()
+    _one_line_error(
+        ckpt,
+        str(ckpt / "model.safetensors.index.json"),
+        f"1 shard(s) missing from {ckpt}: {names[1]}",
+        "re-download them (partial download?)",
+    )
+
+
+def test_nested_relative_path_is_a_missing_folder_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = _one_line_error(Path("models/not-there/llava"), "does not exist")
+    assert "models/not-there/llava" in msg
+
+
+def test_load_errors_past_the_checks_are_one_line(folder, tmp_path, monkeypatch):
+    """What the up-front checks miss is still one line, without hub advice, for local folders."""
+    from recomp_eval.models import loader
+
+    monkeypatch.setattr(loader, "check_checkpoint_folder", lambda *a, **k: None)
+    ckpt = _copy(folder, tmp_path)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _one_line_error(ckpt, f"could not load the checkpoint in {ckpt}", "SafetensorError")
+
+
+def test_intact_folder_is_accepted(folder):
+    check_checkpoint_folder(folder)
+    check_checkpoint_folder(folder / "clip", setting="model.clip_text_id")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_loading_prints_no_shard_or_load_reports(folder, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    ckpt = _copy(folder, tmp_path)  # a new path: load_clip_text's per-process cache misses
+    names = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    levels = {name: logging.getLogger(name).level for name in names}
+    bars = hf_logging.is_progress_bar_enabled()
+    records = _Records()  # transformers' root logger does not propagate: listen on it directly
+    logging.getLogger("transformers").addHandler(records)
+    try:
+        bundle = load_llava(str(ckpt), dtype="float32")
+        load_clip_text(bundle.clip_text_id, "float32", "cpu")
+    finally:
+        logging.getLogger("transformers").removeHandler(records)
+    out = capsys.readouterr()
+    text = "\n".join([out.out, out.err, *records.messages])
+    for noise in ("were not sharded", "TP rules were not applied", "LOAD REPORT"):
+        assert noise not in text
+    # scoped: levels and the progress-bar switch are back as they were
+    assert {name: logging.getLogger(name).level for name in names} == levels
+    assert hf_logging.is_progress_bar_enabled() == bars
 
 
 def test_prompts(bundle):

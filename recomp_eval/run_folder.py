@@ -1,0 +1,215 @@
+"""The bookkeeping of one run folder: its claim (lock), identity, processes and supersession.
+
+Files next to ``samples.jsonl`` and ``results.json``:
+
+* ``.lock``: held (``flock``) by the one process working on the run; a second process with the
+  same run exits with one line (``runner.on_busy=exit``, the default) or waits for it
+  (``on_busy=wait``). The lock dies with its process, so a killed run never leaves a stale claim.
+* ``identity.json``: the run key, the settings key (the same command on the same paths) and the
+  full identity including the checkpoint and data fingerprints, written when the run starts.
+* ``processes.json``: one entry per process that generated samples (pid, host, samples, peak
+  memory), so a resumed run keeps the original process's figures and adds its own.
+* ``superseded.json``: written when a later run of the same settings found different checkpoint
+  or data contents; tables skip superseded runs and say so.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from recomp_eval.records import write_json_atomic
+
+IDENTITY = "identity.json"
+PROCESSES = "processes.json"
+SUPERSEDED = "superseded.json"
+LOCK = ".lock"
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run folder (message: one line)."""
+
+
+class ContentsChangedError(RuntimeError):
+    """The checkpoint or data changed since an earlier run of the same settings (one line)."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class RunFolder:
+    """One run's folder (created on first use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # --- the claim ------------------------------------------------------------------------------
+
+    @contextmanager
+    def claim(self, on_busy: str = "exit", poll_s: float = 2.0) -> Iterator[None]:
+        """Hold the run's lock for the duration of the block.
+
+        ``on_busy``: ``exit`` raises :class:`RunBusyError` when another process holds it;
+        ``wait`` blocks until it is free (a log line says whom it waits for).
+        """
+        if on_busy not in ("exit", "wait"):
+            raise ValueError(f"runner.on_busy={on_busy!r}; use exit or wait")
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - closed in finally
+        try:
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as err:
+                    if err.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    holder = self._holder()
+                    if on_busy == "exit":
+                        raise RunBusyError(
+                            f"another process ({holder}) is working on the same run in "
+                            f"{self.path}; wait for it to finish (or stop it) and rerun the same "
+                            f"command to resume, or pass runner.on_busy=wait to queue behind it"
+                        ) from None
+                    if not waited:
+                        import logging
+
+                        logging.getLogger(__name__).warning(
+                            "waiting for %s to finish the same run in %s", holder, self.path
+                        )
+                        waited = True
+                    time.sleep(poll_s)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": _now()}))  # fmt: skip
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the lock
+
+    def _holder(self) -> str:
+        info = read_json(self.path / LOCK) or {}
+        if not info:
+            return "unknown pid"
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+
+    # --- identity -------------------------------------------------------------------------------
+
+    def write_identity(self, document: dict[str, Any]) -> None:
+        write_json_atomic(self.path / IDENTITY, document)
+
+    def identity(self) -> dict[str, Any] | None:
+        return read_json(self.path / IDENTITY)
+
+    def siblings(self, settings_key: str) -> list[RunFolder]:
+        """Other folders next to this one whose identity has the same settings key."""
+        out = []
+        if not self.path.parent.is_dir():
+            return out
+        for candidate in sorted(self.path.parent.iterdir()):
+            if candidate == self.path or not candidate.is_dir():
+                continue
+            doc = read_json(candidate / IDENTITY)
+            if doc and doc.get("settings_key") == settings_key:
+                out.append(RunFolder(candidate))
+        return out
+
+    # --- supersession ---------------------------------------------------------------------------
+
+    def mark_superseded(self, by: RunFolder, changes: list[str]) -> None:
+        write_json_atomic(
+            self.path / SUPERSEDED,
+            {"by": by.path.name, "when": _now(), "changes": changes},
+        )
+
+    def superseded(self) -> dict[str, Any] | None:
+        return read_json(self.path / SUPERSEDED)
+
+    def clear_superseded(self) -> None:
+        (self.path / SUPERSEDED).unlink(missing_ok=True)
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def note_process(self, started: str, samples: int, peak_memory: dict[str, Any]) -> None:
+        """Create or update this process's entry (call after each batch it generated)."""
+        entries = read_json(self.path / PROCESSES) or []
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+        for entry in entries:
+            if all(entry.get(k) == v for k, v in me.items()):
+                entry.update(samples=samples, peak_memory_mb=peak_memory, updated=_now())
+                break
+        else:
+            entries.append({**me, "samples": samples, "peak_memory_mb": peak_memory,
+                            "updated": _now()})  # fmt: skip
+        write_json_atomic(self.path / PROCESSES, entries)
+
+    def processes(self) -> list[dict[str, Any]]:
+        return read_json(self.path / PROCESSES) or []
+
+
+def run_peak_memory(entries: list[dict[str, Any]], current: dict[str, Any]) -> dict[str, Any]:
+    """The run's peak memory over the processes that generated its samples.
+
+    ``total`` is the largest peak of those processes; ``by_process`` lists each (the first one is
+    the original process, later ones resumed it). A process that only rebuilt the record (nothing
+    left to generate) does not count; with no entry at all, ``current`` is used.
+    """
+    if not entries:
+        return {**current, "by_process": []}
+    peaks = [e["peak_memory_mb"] for e in entries]
+    top = max(peaks, key=lambda p: p.get("total", 0.0))
+    by_process = [
+        {"pid": e["pid"], "host": e["host"], "samples": e["samples"], **e["peak_memory_mb"]}
+        for e in entries
+    ]
+    return {"total": top.get("total"), "kind": top.get("kind"), "by_process": by_process}
+
+
+CONTENT_NAMES = {
+    "checkpoint": "the checkpoint",
+    "data": "the data",
+    "clip_text": "the CLIP text tower",
+}
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> list[str]:
+    """What differs between two runs' fingerprints (``identity.json`` ``fingerprints`` maps), e.g.
+    ``the checkpoint changed (model.safetensors: modified ...)``; at most ``limit`` files each."""
+    from recomp_eval.fingerprint import Fingerprint
+
+    out = []
+    for kind, name in CONTENT_NAMES.items():
+        a, b = (old or {}).get(kind), (new or {}).get(kind)
+        if a is None or b is None:
+            if (a is None) != (b is None) and kind != "clip_text":
+                out.append(f"{name} fingerprint is {'new' if a is None else 'gone'}")
+            continue
+        before, after = Fingerprint.from_dict(a), Fingerprint.from_dict(b)
+        if before.digest == after.digest:
+            continue
+        if before.mode != after.mode:
+            out.append(f"{name} fingerprint mode changed ({before.mode} -> {after.mode})")
+            continue
+        files = before.changes(after)
+        more = f", and {len(files) - limit} more" if len(files) > limit else ""
+        out.append(f"{name} changed ({'; '.join(files[:limit])}{more})")
+    return out
