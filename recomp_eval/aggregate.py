@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also show runs made on an earlier checkpoint/data content",
     )
     parser.add_argument("--no-plots", action="store_true", help="tables only")
-    parser.add_argument("--slices", action="store_true", help="also print the slice tables")
+    parser.add_argument(
+        "--print-slices",
+        nargs="*",
+        default=(),
+        metavar="NAME",
+        help="also print these slice tables, e.g. slices_gqa_size",
+    )
     args = parser.parse_args(argv)
     if args.root is None and args.pattern is None:
         args.root = Path("results/raw")
@@ -115,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"recomp-eval-tables: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(result["accuracy"].to_markdown())
-    if args.slices:
-        for table in result["slices"]:
+    for table in result["slices"]:
+        if table.name in args.print_slices:
             print(table.to_markdown())
     print(
         f"wrote {len(result['files'])} table files and {len(result['plots'])} plots to {args.out}"

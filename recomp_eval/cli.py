@@ -21,7 +21,7 @@ for _flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from recomp_eval.cli_checks import check_overrides  # noqa: E402
+from recomp_eval.cli_checks import check_output_root, check_overrides  # noqa: E402
 from recomp_eval.config_path import CONFIG_DIR  # noqa: E402
 
 log = logging.getLogger("recomp_eval")
@@ -87,7 +87,7 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    problem = check_overrides(sys.argv[1:])
+    problem = check_overrides(sys.argv[1:]) or check_output_root(sys.argv[1:])
     if problem:
         print(f"recomp-eval: error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -110,3 +110,25 @@ def check_overrides(argv: list[str]) -> str | None:
                 f"purpose: +{match['key']}=...)"
             )
     return None
+
+
+def check_output_root(argv: list[str]) -> str | None:
+    """``paths.root`` (from ``argv``, ``RECOMP_EVAL_RESULTS`` or the default) must be a folder:
+    Hydra creates its run folder there before any of our code runs."""
+    import os
+
+    root = os.environ.get("RECOMP_EVAL_RESULTS", "results")
+    for arg in argv:
+        match = OVERRIDE.match(arg)
+        if match and match["key"] == "paths.root" and match["value"]:
+            root = match["value"]
+    path = Path(root).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                return (
+                    f"paths.root={root}: {candidate} is a file, not a folder; point paths.root "
+                    f"at a folder (it is created when missing)"
+                )
+            break
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -146,7 +147,7 @@ class Evaluation:
         self.records_dir = Path(cfg.paths.records_dir)
         self.contents = self.fingerprint_inputs(bundle)
         self.bundle = bundle if bundle is not None else load_model(cfg.model)
-        self.started = _now()
+        self.session = uuid.uuid4().hex[:12]  # this evaluation's entry in processes.json
         self.vision_cache = None
         if cfg.runner.get("share_vision"):  # one tower pass per batch across `runs` (opt-in)
             self.vision_cache = self.shared_vision_cache()
@@ -371,7 +372,7 @@ class Evaluation:
             return rows
 
         def after_batch() -> None:
-            folder.note_process(self.started, counter["samples"], peak_memory(device))
+            folder.note_process(self.session, counter["samples"], peak_memory(device))
 
         too_long: list[BadSample] = []
         total = max(0, len(self.benchmark) - len(done))
@@ -448,6 +449,7 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> list[RunRecord]:
         )
         with tracker:
             record = evaluation.run(spec, method)
+            tracker.set_run_key(record.run_key)  # the dashboard run names its results folder
             tracker.log_metrics(
                 {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
             )

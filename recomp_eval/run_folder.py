@@ -149,17 +149,21 @@ class RunFolder:
 
     # --- processes ------------------------------------------------------------------------------
 
-    def note_process(self, started: str, samples: int, peak_memory: dict[str, Any]) -> None:
-        """Create or update this process's entry (call after each batch it generated)."""
+    def note_process(self, session: str, samples: int, peak_memory: dict[str, Any]) -> None:
+        """Create or update this session's entry (call after each batch it generated).
+
+        ``session``: unique per evaluation in a process (two evaluations of one process that
+        work on the same run, e.g. a crash and its resume in a test, get separate entries).
+        """
         entries = read_json(self.path / PROCESSES) or []
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "session": session}
         for entry in entries:
             if all(entry.get(k) == v for k, v in me.items()):
                 entry.update(samples=samples, peak_memory_mb=peak_memory, updated=_now())
                 break
         else:
-            entries.append({**me, "samples": samples, "peak_memory_mb": peak_memory,
-                            "updated": _now()})  # fmt: skip
+            entries.append({**me, "started": _now(), "samples": samples,
+                            "peak_memory_mb": peak_memory, "updated": _now()})  # fmt: skip
         write_json_atomic(self.path / PROCESSES, entries)
 
     def processes(self) -> list[dict[str, Any]]:

@@ -183,6 +183,15 @@ def build_record(
         if isinstance(bench_cfg.get("metrics"), dict)
         else None
     )
+    report = evaluation.benchmark.report()
+    skipped = list(report.get("skipped", [])) + [b.__dict__ for b in too_long]
+    if not rows:
+        reasons = sorted({s["reason"] for s in skipped})
+        raise ValueError(
+            f"no sample of {bench} was evaluated: {len(skipped)} skipped ("
+            f"{', '.join(reasons) or 'none selected'}); check the data, benchmark.limit/filters "
+            f"and runner.context_length"
+        )
     metrics = score(bench, rows, protocol, metrics=metric_names)
     if spec.method != "none":
         reference = evaluation.reference_rows()
@@ -194,8 +203,6 @@ def build_record(
     data_dir = bench_cfg.get("data_dir")
     metrics.update(slice_metrics(rows, bench, protocol, primary, metric_names, data_dir))
     kept = [float(r["kept_tokens"]) for r in rows]
-    report = evaluation.benchmark.report()
-    skipped = list(report.get("skipped", [])) + [b.__dict__ for b in too_long]
     device = evaluation.bundle.device
     prompt = next((r["prompt"] for r in rows if r.get("prompt")), None)
     identity = document["identity"]

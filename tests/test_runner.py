@@ -254,12 +254,32 @@ def test_multirun_sweep_writes_three_folders_and_one_table(data_root: Path, tmp_
 
 
 def test_wandb_logger_offline(data_root: Path, tmp_path: Path, bundle, monkeypatch) -> None:
+    """One offline run per (job, method) with the run key, config and real media files."""
+    import wandb
+    from test_tracking import _run_info
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = config(data_root, tmp_path, "pope", "logger=wandb", "method=recomp", "runner.keep_maps=2")
-    evaluate(cfg, bundle)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var))
+    runs = "runs=[{method: none}, {method: recomp}]"
+    cfg = config(data_root, tmp_path, "pope", "logger=wandb", runs, "runner.keep_maps=2")
+    records = evaluate(cfg, bundle)
+    wandb.teardown()  # flush the transaction logs before reading them
+    folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    infos = [_run_info(f) for f in folders]
+    assert sorted(i["config"]["run_key"] for i in infos) == sorted(r.run_key for r in records)
+    for info in infos:
+        assert info["config"]["run"]["label"] in ("none", "recomp[paper]")
+        assert info["config"]["benchmark"]["name"] == "pope"
+    recomp_run = next(f for f, i in zip(folders, infos) if i["config"]["run"]["method"] == "recomp")
+    images = sorted((recomp_run / "files" / "media" / "images").glob("*.png"))
+    assert len([p for p in images if "keep_map" in p.name]) == 2, images
+    assert len([p for p in images if "keep_map" not in p.name]) == 2, images
+    (table,) = (recomp_run / "files" / "media" / "table").glob("*.table.json")
+    cells = json.loads(table.read_text())["data"]
+    assert not any(cell == "Image" for row in cells for cell in row)
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

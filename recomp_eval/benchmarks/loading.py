@@ -88,6 +88,8 @@ def load_split(
     """
     import datasets  # imported here: importing the package stays cheap
 
+    from recomp_eval.fingerprint import data_fingerprint
+
     if data_dir is not None:
         folder = split_dir(data_dir, config_name, split)
         files = sorted(str(p) for p in folder.glob("*.parquet"))
@@ -128,7 +130,9 @@ def load_split(
         revision=revision,
         resolved_revision=resolved,
         data_dir=None if data_dir is None else str(data_dir),
-        fingerprint=ds._fingerprint,
+        # local data: a fingerprint of the files themselves (manifest + parquet contents), so it
+        # changes when the data does; hub data: the datasets library's cache fingerprint
+        fingerprint=data_fingerprint(data_dir).digest if data_dir is not None else ds._fingerprint,
         num_rows=ds.num_rows,
     )
     return ds, source

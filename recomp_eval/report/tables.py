@@ -325,8 +325,8 @@ def efficiency_table(scored: list[Scored], sets: dict[int, str], notes: list[str
     cols = [
         Column("benchmark", "benchmark", align="l"),
         *_ident_columns(scored, sets),
-        Column("tokens", "kept tokens", "{:.1f}", best="min"),
-        Column("flops", f"prefill {unit}", "{:.3g}", best="min"),
+        Column("tokens", "kept tokens", "{:.1f}"),
+        Column("flops", f"prefill {unit}", "{:.3g}"),
         Column("prefill_ms", "prefill ms (median)", "{:.1f}"),
         Column("decode_ms", "decode ms/token", "{:.1f}"),
         Column("memory", "peak memory MB", "{:.0f}"),
