@@ -70,7 +70,7 @@ def write_run(
             "context_key": context,
             "contents": contents,
             "limit": limit,
-        },  # fmt: skip
+        },
         experiments=list(experiments),
     )
     folder = root / bench / name
