@@ -90,31 +90,46 @@ def test_quality_gates_on_fixed_subset():
 
 
 @pytest.mark.slow
-def test_make_eval_in_a_clean_clone(tmp_path):
-    """``make eval`` from a clone of the committed tree (a few questions per benchmark): the
-    accuracy table has a row for every run of the demo and a column for every benchmark."""
+def test_readme_demo_matches_a_fresh_make_eval(tmp_path):
+    """``make eval`` from a clone of the committed tree, exactly as a new user runs it: the tree
+    stays clean, the accuracy table has every run of the demo and every benchmark, and the
+    README's demo tables and ``docs/demo/`` equal what it wrote (``make demo-docs`` updates them).
+    """
     import csv
     import subprocess
 
-    import yaml
+    from hydra import compose, initialize_config_dir
+
+    from recomp_eval.config_path import CONFIG_DIR
+    from recomp_eval.runs import expand_runs
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     venv = ROOT / ".venv"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    subprocess.run(  # -o: the shared .venv counts as installed (no reinstall from the clone)
-        ["make", "-o", f"{venv}/.installed", "eval", f"VENV={venv}", "DEMO_ROOT=results/check",
-         "ARGS=benchmark.limit=4"],
-        cwd=clone, check=True, env=env, capture_output=True, timeout=1200,
+    made = subprocess.run(  # -o: the shared .venv counts as installed (no reinstall from the clone)
+        ["make", "-o", f"{venv}/.installed", "eval", f"VENV={venv}"],
+        cwd=clone, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
-    demo = yaml.safe_load((ROOT / "configs/experiment/synth_demo.yaml").read_text())
-    expected = {
-        (r["method"] + (f"[{r['options']['variant']}]" if "options" in r else ""),
-         str(r.get("retention", "adaptive")))
-        for r in demo["runs"]
-    }  # fmt: skip
-    with open(clone / "results/check/tables/accuracy.csv") as f:  # not the committed demo tables
+    assert made.returncode == 0, made.stderr[-3000:]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout  # fmt: skip
+    assert status == "", f"make eval changed tracked files:\n{status}"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        demo = compose(config_name="eval", overrides=["experiment=synth_demo"])
+    expected = {(s.label, "adaptive" if s.retention is None else f"{s.retention:g}")
+                for s in expand_runs(demo)}  # fmt: skip
+    with open(clone / "results/demo/tables/accuracy.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["method"], r["retention"]) for r in rows} == expected
-    for bench in ("gqa", "vqav2", "textvqa", "pope", "mme"):
-        assert all(r[bench] not in ("", None) for r in rows), bench
+    for bench in ("GQA", "VQAv2", "TextVQA", "POPE", "MME"):
+        column = next(c for c in rows[0] if c.startswith(bench))
+        assert all(r[column] for r in rows), bench
+    check = subprocess.run(
+        [str(venv / "bin/python"), "scripts/update_demo_docs.py", "--check"],
+        cwd=clone, capture_output=True, text=True,
+    )  # fmt: skip
+    assert check.returncode == 0, (
+        f"README/docs/demo differ from a fresh make eval (run `make eval && make demo-docs`):\n"
+        f"{check.stderr}"
+    )
