@@ -25,13 +25,7 @@ from recomp_eval.benchmarks.base import BadSample
 from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.methods import BuiltMethod, build_method
 from recomp_eval.records import RunRecord, stable_hash, write_json_atomic
-from recomp_eval.run_folder import (
-    ContentsChangedError,
-    RunFolder,
-    describe_changes,
-    read_json,
-    run_peak_memory,
-)
+from recomp_eval.run_folder import RunFolder, read_json, run_peak_memory, settle
 from recomp_eval.runner import PendingSample, SampleStore, check_runner_config, run_loop
 from recomp_eval.runs import (
     RunSpec,
@@ -44,7 +38,7 @@ from recomp_eval.runs import (
     settings_key,
 )
 from recomp_eval.summary import build_record, num_patches, peak_memory
-from recomp_eval.tracking import make_tracker
+from recomp_eval.tracking import log_samples, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -244,35 +238,6 @@ class Evaluation:
             "fingerprints": fingerprints,
         }
 
-    def settle_folder(self, folder: RunFolder, document: dict[str, Any]) -> tuple[RunFolder, list]:
-        """Compare with earlier runs of the same settings; apply ``runner.on_change``.
-
-        Returns the folder to use (``resume`` may pick the earlier one) and notes for the record.
-        """
-        policy = str(self.cfg.runner.get("on_change") or "new")
-        earlier = [s for s in folder.siblings(document["settings_key"]) if not s.superseded()]
-        notes: list[str] = []
-        for other in earlier:
-            changes = describe_changes(other.identity()["fingerprints"], document["fingerprints"])
-            what = "; ".join(changes) or "contents changed"
-            if policy == "stop":
-                raise ContentsChangedError(
-                    f"{what} since the earlier run in {other.path}; rerun with "
-                    f"runner.on_change=new to start a new run folder, or runner.on_change=resume "
-                    f"to keep the earlier answers"
-                )
-            if policy == "resume":
-                notes.append(f"resumed {other.path.name} across a change: {what}")
-                log.warning("resuming %s although %s (runner.on_change=resume)", other.path, what)
-                return other, notes
-            other.mark_superseded(folder, changes)
-            log.warning(
-                "%s since %s: starting a new run in %s (the earlier answers stay there, marked "
-                "superseded; runner.on_change=stop to stop instead)", what, other.path, folder.path
-            )  # fmt: skip
-        folder.clear_superseded()
-        return folder, notes
-
     # --- one run --------------------------------------------------------------------------------
 
     def pending(self, done: dict[str, Any], too_long: list[BadSample]) -> Iterator[PendingSample]:
@@ -346,7 +311,8 @@ class Evaluation:
         key = stable_hash(identity)
         used = {"checkpoint", "data"} | ({"clip_text"} if method.spec.text else set())
         document = self.identity_document(spec, identity, key, used)
-        folder, notes = self.settle_folder(RunFolder(self.run_path(spec, retention, key)), document)
+        policy = str(self.cfg.runner.get("on_change") or "new")
+        folder, notes = settle(RunFolder(self.run_path(spec, retention, key)), document, policy)
         with folder.claim(str(self.cfg.runner.get("on_busy") or "exit")):
             if folder.identity() is None:
                 folder.write_identity({**document, "created": _now()})
@@ -462,44 +428,3 @@ def evaluate(cfg: DictConfig, bundle: Any = None) -> list[RunRecord]:
             log_samples(tracker, evaluation, spec, record, int(cfg.runner.keep_maps))
         records.append(record)
     return records
-
-
-def log_samples(tracker, evaluation: Evaluation, spec: RunSpec, record: RunRecord, n: int) -> None:
-    """A samples table with images and keep maps for the first ``n`` samples (dashboard only)."""
-    if tracker.mode == "disabled" or n <= 0:
-        return
-    import matplotlib.pyplot as plt
-
-    store = SampleStore(Path(record.run_dir) / "samples.jsonl")
-    rows_by_id = store.load()
-    grid = round(num_patches(evaluation.bundle.model.config) ** 0.5)
-    table = []
-    for sample in evaluation.benchmark:
-        row = rows_by_id.get(sample.sample_id)
-        if row is None:
-            continue
-        fig = None
-        if row.get("keep_map"):
-            fig = keepmap.render(
-                keepmap.decode(row["keep_map"]),
-                (grid, grid),
-                sample.image,
-                title=f"{sample.sample_id}: {row['kept_tokens']:.0f} tokens",
-            )
-        table.append(
-            {
-                "sample_id": sample.sample_id,
-                "image": sample.image,
-                "question": sample.question,
-                "answers": sample.answers,
-                "prediction": row["prediction"],
-                "kept_tokens": row["kept_tokens"],
-                "keep_map": fig,
-            }
-        )
-        if len(table) >= n:
-            break
-    tracker.log_samples(table)
-    for item in table:
-        if item["keep_map"] is not None:
-            plt.close(item["keep_map"])

@@ -217,3 +217,36 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -
         more = f", and {len(files) - limit} more" if len(files) > limit else ""
         out.append(f"{name} changed ({'; '.join(files[:limit])}{more})")
     return out
+
+
+def settle(folder: RunFolder, document: dict[str, Any], policy: str) -> tuple[RunFolder, list[str]]:
+    """Compare with earlier runs of the same settings and apply ``runner.on_change``.
+
+    Earlier folders with the same settings key but other contents (checkpoint, data, CLIP text
+    tower) are marked superseded by ``folder`` (``new``), stop the run (``stop``), or are
+    resumed instead (``resume``). Returns the folder to use and notes for the record.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    earlier = [s for s in folder.siblings(document["settings_key"]) if not s.superseded()]
+    notes: list[str] = []
+    for other in earlier:
+        changes = describe_changes(other.identity()["fingerprints"], document["fingerprints"])
+        what = "; ".join(changes) or "contents changed"
+        if policy == "stop":
+            raise ContentsChangedError(
+                f"{what} since the earlier run in {other.path}; rerun with runner.on_change=new "
+                f"to start a new run folder, or runner.on_change=resume to keep the earlier answers"
+            )
+        if policy == "resume":
+            notes.append(f"resumed {other.path.name} across a change: {what}")
+            log.warning("resuming %s although %s (runner.on_change=resume)", other.path, what)
+            return other, notes
+        other.mark_superseded(folder, changes)
+        log.warning(
+            "%s since %s: starting a new run in %s (the earlier answers stay there, marked "
+            "superseded; runner.on_change=stop to stop instead)", what, other.path, folder.path
+        )  # fmt: skip
+    folder.clear_superseded()
+    return folder, notes

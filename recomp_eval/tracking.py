@@ -256,3 +256,51 @@ def make_tracker(logger_cfg: dict[str, Any] | None, **kwargs: Any) -> NullTracke
     if kind == "wandb":
         return WandbTracker(**{**cfg, **kwargs})
     raise ValueError(f"unknown logger '{kind}'; use logger=none or logger=wandb")
+
+
+def log_samples(tracker: Any, evaluation: Any, spec: Any, record: Any, n: int) -> None:
+    """A samples table with images and keep maps for the first ``n`` samples (dashboard only).
+
+    ``evaluation``: the :class:`~recomp_eval.evaluate.Evaluation` (benchmark, model config);
+    ``record``: the finished run's record (its folder holds ``samples.jsonl``).
+    """
+    if tracker.mode == "disabled" or n <= 0:
+        return
+    import matplotlib.pyplot as plt
+
+    from recomp_eval import keepmap
+    from recomp_eval.runner import SampleStore
+    from recomp_eval.summary import num_patches
+
+    rows_by_id = SampleStore(Path(record.run_dir) / "samples.jsonl").load()
+    grid = round(num_patches(evaluation.bundle.model.config) ** 0.5)
+    table = []
+    for sample in evaluation.benchmark:
+        row = rows_by_id.get(sample.sample_id)
+        if row is None:
+            continue
+        fig = None
+        if row.get("keep_map"):
+            fig = keepmap.render(
+                keepmap.decode(row["keep_map"]),
+                (grid, grid),
+                sample.image,
+                title=f"{sample.sample_id}: {row['kept_tokens']:.0f} tokens",
+            )
+        table.append(
+            {
+                "sample_id": sample.sample_id,
+                "image": sample.image,
+                "question": sample.question,
+                "answers": sample.answers,
+                "prediction": row["prediction"],
+                "kept_tokens": row["kept_tokens"],
+                "keep_map": fig,
+            }
+        )
+        if len(table) >= n:
+            break
+    tracker.log_samples(table)
+    for item in table:
+        if item["keep_map"] is not None:
+            plt.close(item["keep_map"])
