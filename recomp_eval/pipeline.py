@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteriaList
 
 from recomp_eval.inject.context import compress
 from recomp_eval.inject.llava_hf import (
@@ -27,11 +28,12 @@ from recomp_eval.inject.llava_hf import (
 )
 from recomp_eval.inject.vision_cache import VisionCache
 from recomp_eval.methods.base import Compressed
-from recomp_eval.models.conversation import render_prompt
+from recomp_eval.models.conversation import check_prompt, render_prompt
 from recomp_eval.models.images import preprocess_images
 from recomp_eval.models.loader import ModelBundle, load_clip_text
 from recomp_eval.signals.text import encode_texts, select_texts
 from recomp_eval.signals.vision import sample_seeds
+from recomp_eval.stop_text import StopOnText, cut_at_stop
 from recomp_eval.timing import FirstTokenMark, StageTimer
 
 
@@ -74,6 +76,8 @@ def prepare_batch(
         render_prompt(protocol, t, bundle.tokenizer, bundle.processor, bundle.image_token)
         for t in user_texts
     ]
+    for prompt, text in zip(prompts, user_texts):  # before any vision work
+        check_prompt(prompt, text, bundle.image_token, protocol)
     prompt_ids = [bundle.tokenizer(p)["input_ids"] for p in prompts]
     pixel_values = preprocess_images(images, bundle.image_processor, protocol)
     return PreparedBatch(prompts=prompts, prompt_ids=prompt_ids, pixel_values=pixel_values)
@@ -86,11 +90,6 @@ def prompt_text_tokens(bundle: ModelBundle, user_text: str, protocol: str) -> in
     )
     ids = bundle.tokenizer(prompt)["input_ids"]
     return sum(1 for t in ids if t != bundle.image_token_id)
-
-
-def _truncate_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
 
 
 @torch.no_grad()
@@ -194,8 +193,6 @@ def generate(
     if spec.text is not None:
         clip_text = load_clip_text(bundle.clip_text_id, bundle.dtype, device)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=bundle.tokenizer)
     with compress(model, method, bundle.image_token_id) as probe:
         compressed, features = vision_side(
             model,
@@ -220,6 +217,9 @@ def generate(
             device,
         )
         mark = FirstTokenMark(timer)
+        if stop:
+            stopper = StopOnText(bundle.tokenizer, stop, prompt_length=input_ids.shape[1])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
         start = timer.mark()
         out = generate_with_features(
             model, input_ids, attention_mask, features, logits_processor=[mark], **kwargs
@@ -240,7 +240,7 @@ def generate(
     return [
         GenerationResult(
             sample_id=str(sample_ids[i]),
-            text=_truncate_at_stop(texts_out[i], stop).strip(),
+            text=cut_at_stop(texts_out[i], stop).strip(),
             kept_tokens=kept[i],
             timings=dict(timings),
             batch_size=b,

@@ -206,7 +206,10 @@ def test_generation_settings() -> None:
     }
     assert generation_settings("gqa", "lmms_eval")["max_new_tokens"] == 16
     assert generation_settings("pope", "lmms_eval")["max_new_tokens"] == 128
-    assert generation_settings("textvqa", "lmms_eval")["stop"] == ["ASSISTANT:"]
+    # lmms-eval's default llava_hf wrapper ignores the task's `until`: no stop strings at all
+    for bench in ("gqa", "vqav2", "textvqa", "pope", "mme"):
+        assert generation_settings(bench, "lmms_eval")["stop"] == []
+    assert generation_settings("textvqa", "lmms_eval")["max_new_tokens"] == 1024
     with pytest.raises(KeyError, match="unknown protocol"):
         generation_settings("gqa", "llava")
 

@@ -69,7 +69,9 @@ class ProtocolSpec:
     benchmarks: Mapping[str, BenchmarkPrompt] = field(default_factory=dict)
 
 
-LMMS_DEFAULT_STOP = ("\n\n",)  # lmms-eval adds its fewshot delimiter when a task sets no `until`
+# lmms-eval's default llava_hf wrapper (the chat class) passes no stop strings to `generate`: it
+# ignores the task's `until` and stops at EOS or max_new_tokens (1024 when the task sets none).
+LMMS_DEFAULT_STOP: tuple[str, ...] = ()
 
 PROTOCOLS: dict[str, ProtocolSpec] = {
     "llava15": ProtocolSpec(
@@ -95,7 +97,7 @@ PROTOCOLS: dict[str, ProtocolSpec] = {
             "vqav2": BenchmarkPrompt(max_new_tokens=16, stop=LMMS_DEFAULT_STOP),
             # max_new_tokens unset in the task: the llava_hf wrapper's default is 1024.
             "textvqa": BenchmarkPrompt(
-                question_ops=("capitalize",), max_new_tokens=1024, stop=("ASSISTANT:",)
+                question_ops=("capitalize",), max_new_tokens=1024, stop=LMMS_DEFAULT_STOP
             ),
             "pope": BenchmarkPrompt(
                 question_ops=("strip",), max_new_tokens=128, stop=LMMS_DEFAULT_STOP

@@ -1,13 +1,21 @@
-"""Render the full LLM prompt for one user turn under a protocol.
+"""Render the full LLM prompt for one user turn under a protocol, and check it before any work.
 
 ``llava15``: LLaVA's ``vicuna_v1`` conversation, ``{system} USER: <image>\\n{text} ASSISTANT:``.
-``lmms_eval``: the checkpoint's own chat template with no system prompt (llava-hf:
-``USER: <image>\\n{text} ASSISTANT:``), as lmms-eval's ``llava_hf`` model renders it.
+``lmms_eval``: what lmms-eval 0.7.3's default ``llava_hf`` model (the chat class
+``lmms_eval.models.chat.llava_hf.LlavaHf``, which its registry resolves ``llava_hf`` to)
+renders: the checkpoint's chat template applied by the *processor* to structured content
+(``[{"type": "image"}, {"type": "text", "text": ...}]``), no system prompt. llava-hf's template
+renders ``USER: <image>\\n{text} ASSISTANT:``, whether the folder ships it as
+``chat_template.json`` or ``chat_template.jinja``. (lmms-eval's *simple* wrapper, used only with
+``force_simple``, applies the tokenizer's template to a plain string instead: with llava-hf's
+template that renders an empty user turn, and without a tokenizer template it falls back to a
+vicuna template with the system prompt; we do not copy that.)
 The tokenizer adds ``<s>`` when the prompt is tokenized.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 VICUNA_V1_SYSTEM = (
@@ -15,6 +23,17 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 PROTOCOLS = ("llava15", "lmms_eval")
+LMMS_WRAPPER = "lmms_eval.models.chat.llava_hf.LlavaHf (lmms-eval 0.7.3, the default llava_hf)"
+PROBE_TEXT = "What is shown here?"  # a user turn used to check a template before any work
+
+
+class PromptTemplateError(ValueError):
+    """A chat template that cannot render this protocol's prompt (message: one line)."""
+
+
+def structured_turn(text: str) -> list[dict[str, Any]]:
+    """One user message with an image part and a text part, as lmms-eval builds it."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 def render_prompt(
@@ -25,24 +44,58 @@ def render_prompt(
     Args:
         protocol: ``llava15`` or ``lmms_eval``.
         text: the user text (question plus any protocol suffix), without the image token.
-        tokenizer: the checkpoint's tokenizer (its ``chat_template`` serves ``lmms_eval``).
-        processor: fallback holder of the chat template (llava-hf ships it with the processor).
+        tokenizer: the checkpoint's tokenizer (holds the template when the processor does not).
+        processor: the checkpoint's processor; its chat template serves ``lmms_eval``.
     """
     if protocol == "llava15":
         return f"{VICUNA_V1_SYSTEM} USER: {image_token}\n{text} ASSISTANT:"
     if protocol == "lmms_eval":
-        if getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": f"{image_token}\n{text}"}]
-            return tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        if processor is not None and getattr(processor, "chat_template", None):
-            content = [{"type": "image"}, {"type": "text", "text": text}]
-            return processor.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
-        raise ValueError(
-            "protocol 'lmms_eval' needs the checkpoint's chat template, but neither the tokenizer "
-            "nor the processor has one"
+        holder = template_holder(tokenizer, processor)
+        return holder.apply_chat_template(
+            structured_turn(text), tokenize=False, add_generation_prompt=True
         )
     raise ValueError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+
+
+def template_holder(tokenizer: Any, processor: Any) -> Any:
+    """The object whose chat template ``lmms_eval`` uses: the processor (as lmms-eval's chat
+    wrapper), else the tokenizer with the same structured content."""
+    for holder in (processor, tokenizer):
+        if holder is not None and getattr(holder, "chat_template", None):
+            return holder
+    raise PromptTemplateError(
+        "protocol=lmms_eval needs the checkpoint's chat template, but neither its processor nor "
+        "its tokenizer has one (no chat_template.json or chat_template.jinja in the folder); add "
+        "the checkpoint's template file or use protocol=llava15"
+    )
+
+
+def template_source(protocol: str, tokenizer: Any, processor: Any, folder: str | None) -> str:
+    """Where the prompt format comes from, for the record (e.g. ``processor:chat_template.jinja``)."""
+    if protocol == "llava15":
+        return "vicuna_v1 (LLaVA conv_vicuna_v1, built in)"
+    holder = template_holder(tokenizer, processor)
+    kind = "processor" if holder is processor else "tokenizer"
+    files = [
+        name
+        for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+        if folder and (Path(folder) / name).is_file()
+    ]
+    return f"{kind}:{files[0] if files else 'chat_template'}"
+
+
+def check_prompt(prompt: str, text: str, image_token: str, protocol: str) -> None:
+    """One line naming the template problem when a rendered prompt lacks the user turn or does
+    not hold exactly one image placeholder (checked before any vision work)."""
+    count = prompt.count(image_token)
+    if count != 1:
+        raise PromptTemplateError(
+            f"protocol={protocol} renders {count} '{image_token}' placeholders instead of one "
+            f"({prompt[:80]!r}); the checkpoint's chat template does not render the image part "
+            f"of structured content: fix the template or use protocol=llava15"
+        )
+    if text.strip() and text.strip() not in prompt:
+        raise PromptTemplateError(
+            f"protocol={protocol} renders an empty user turn ({prompt[:80]!r}): the chat "
+            f"template drops the text; fix the template or use protocol=llava15"
+        )
