@@ -141,10 +141,38 @@ class Evaluation:
         self.records_dir = Path(cfg.paths.records_dir)
         self.contents = self.fingerprint_inputs(bundle)
         self.bundle = bundle if bundle is not None else load_model(cfg.model)
+        self.check_model_side()  # template and in-LLM settings, before any vision work
         self.session = uuid.uuid4().hex[:12]  # this evaluation's entry in processes.json
         self.vision_cache = None
         if cfg.runner.get("share_vision"):  # one tower pass per batch across `runs` (opt-in)
             self.vision_cache = self.shared_vision_cache()
+
+    def check_model_side(self) -> None:
+        """One-line errors for what only the loaded checkpoint can tell: a chat template that
+        does not render the protocol's prompt, an in-LLM method deeper than the LLM."""
+        from recomp_eval.inject.llm_attention import check_depth
+        from recomp_eval.models.conversation import PROBE_TEXT, check_prompt, render_prompt
+
+        b = self.bundle
+        prompt = render_prompt(self.protocol, PROBE_TEXT, b.tokenizer, b.processor, b.image_token)
+        check_prompt(prompt, PROBE_TEXT, b.image_token, self.protocol)
+        depth = b.model.config.text_config.num_hidden_layers
+        for method in self.methods:
+            if method.llm is not None:
+                check_depth(method.llm, depth)
+
+    def protocol_details(self) -> dict[str, Any]:
+        """What the prompts and pixels follow, for the record."""
+        from recomp_eval.models.conversation import LMMS_WRAPPER, template_source
+
+        b = self.bundle
+        source = template_source(self.protocol, b.tokenizer, b.processor, b.model_id)
+        follows = LMMS_WRAPPER if self.protocol == "lmms_eval" else "LLaVA-1.5 model_vqa_loader"
+        return {
+            "template_source": source,
+            "follows": follows,
+            "image_processor": type(b.image_processor).__name__,
+        }
 
     def shared_vision_cache(self):
         """A :class:`VisionCache` that captures the q/k layers of every entry of ``runs``."""

@@ -56,6 +56,8 @@ class RunRecord:
     identity: dict[str, Any] = field(default_factory=dict)  # settings/context keys, contents
     experiments: list[str] = field(default_factory=list)  # experiment files that ran it
     notes: list[str] = field(default_factory=list)  # e.g. resumed across a contents change
+    # template source, the harness the prompts follow, image-processor class, CLIP pairing check
+    protocol_details: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     schema: int = SCHEMA_VERSION
 

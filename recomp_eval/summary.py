@@ -260,4 +260,5 @@ def build_record(
         },
         experiments=[str(cfg.experiment_name)] if cfg.get("experiment_name") else [],
         notes=list(notes),
+        protocol_details=evaluation.protocol_details(),
     )

@@ -294,6 +294,16 @@ def _set_impl(model: torch.nn.Module, key: str | None, impl: str) -> None:
     model.set_attn_implementation(impl if key is None else {key: impl})
 
 
+def check_depth(cfg: FastVConfig, num_layers: int) -> None:
+    """``k_layer`` must leave at least one decoder layer to run on the pruned sequence."""
+    if cfg.k_layer >= num_layers:
+        raise ValueError(
+            f"FastV k_layer={cfg.k_layer} is at or beyond the LLM's depth ({num_layers} decoder "
+            f"layers), so nothing would be pruned; use method.k_layer between 1 and "
+            f"{num_layers - 1}"
+        )
+
+
 @contextmanager
 def llm_pruning(
     model: torch.nn.Module, cfg: FastVConfig, image_token_id: int
@@ -302,7 +312,8 @@ def llm_pruning(
 
     Args:
         model: ``LlavaForConditionalGeneration`` (or a causal LM whose prompt holds image tokens).
-        cfg: FastV settings; ``cfg.k_layer >= num_layers`` or nothing dropped = vanilla outputs.
+        cfg: FastV settings; nothing dropped (ratio 0) = vanilla outputs; ``cfg.k_layer`` at or
+            beyond the decoder depth is an error (it would silently prune nothing).
         image_token_id: id of the image placeholder in ``input_ids`` (``config.image_token_id``).
     """
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -310,6 +321,7 @@ def llm_pruning(
 
     text_model, key = _text_model(model)
     layers = list(text_model.layers)
+    check_depth(cfg, len(layers))
     previous = text_model.config._attn_implementation
     if previous not in _SUPPORTED_BASE:
         raise NotImplementedError(

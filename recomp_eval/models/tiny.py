@@ -54,7 +54,7 @@ class TinySpec:
     vision_layers: int = 3
     vision_heads: int = 4
     text_width: int = 64
-    text_layers: int = 2
+    text_layers: int = 3  # FastV (k_layer 2 by default) needs a layer after the pruning one
     text_heads: int = 4
     text_kv_heads: int = 2
     clip_text_width: int = 32

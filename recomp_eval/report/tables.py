@@ -315,6 +315,7 @@ def efficiency_table(scored: list[Scored], sets: dict[int, str], notes: list[str
             "benchmark": bench_name(s.run.benchmark), "method": s.run.label,
             "retention": s.run.retention, "set": sets[id(s)],
             "tokens": float(rec["tokens"]["mean"]),
+            "dtype": str(rec["model"].get("dtype", "")),
             "flops": scale * float(rec["flops"].get("prefill_tflops", math.nan)),
             "prefill_ms": latency.get("prefill", {}).get("median", math.nan),
             "decode_ms": latency.get("decode_per_token", {}).get("median", math.nan),
@@ -326,6 +327,7 @@ def efficiency_table(scored: list[Scored], sets: dict[int, str], notes: list[str
         Column("benchmark", "benchmark", align="l"),
         *_ident_columns(scored, sets),
         Column("tokens", "kept tokens", "{:.1f}"),
+        Column("dtype", "dtype", align="l"),
         Column("flops", f"prefill {unit}", "{:.3g}"),
         Column("prefill_ms", "prefill ms (median)", "{:.1f}"),
         Column("decode_ms", "decode ms/token", "{:.1f}"),
@@ -340,7 +342,9 @@ def efficiency_table(scored: list[Scored], sets: dict[int, str], notes: list[str
         columns=cols,
         rows=sorted(rows, key=lambda r: (r["benchmark"], *_order(r))),
         notes=[
-            f"prefill {unit}: analytic, per sample, from the visual tokens the LLM saw. "
+            f"prefill {unit}: analytic, per sample, from the visual tokens the LLM saw. Adaptive "
+            "budgets depend on the dtype the signals are computed in (RC official keeps more "
+            "tokens in fp16 than in fp32 on the same image), so the dtype is shown beside them. "
             "Latency is the batch's stage time divided by its size; reportable = full split on a "
             "GPU (CPU timings and limited runs are not).",
             *notes,
