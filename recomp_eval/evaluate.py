@@ -168,11 +168,17 @@ class Evaluation:
         b = self.bundle
         source = template_source(self.protocol, b.tokenizer, b.processor, b.model_id)
         follows = LMMS_WRAPPER if self.protocol == "lmms_eval" else "LLaVA-1.5 model_vqa_loader"
-        return {
+        details = {
             "template_source": source,
             "follows": follows,
-            "image_processor": type(b.image_processor).__name__,
+            "image_processor": b.image_processor_class,
         }
+        if any(m.spec.text is not None for m in self.methods):
+            from recomp_eval.models.loader import load_clip_text
+
+            clip = load_clip_text(b.clip_text_id, b.dtype, b.device, llava_model=b.model)
+            details["clip_pairing"] = {"clip_text_id": b.clip_text_id, **(clip.pairing or {})}
+        return details
 
     def shared_vision_cache(self):
         """A :class:`VisionCache` that captures the q/k layers of every entry of ``runs``."""

@@ -191,7 +191,7 @@ def generate(
     seeds = sample_seeds(sample_ids, device) if spec.needs_seeds else None
     clip_text = None
     if spec.text is not None:
-        clip_text = load_clip_text(bundle.clip_text_id, bundle.dtype, device)
+        clip_text = load_clip_text(bundle.clip_text_id, bundle.dtype, device, llava_model=model)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
     with compress(model, method, bundle.image_token_id) as probe:
         compressed, features = vision_side(

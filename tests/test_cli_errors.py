@@ -216,3 +216,33 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(data_dir: Path, tmp_path: P
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "samples of pool are saved in" in lines[0]
     assert "rerun the same command to resume" in lines[0]
+
+
+def test_template_without_the_image_part_stops_before_any_vision_work(
+    data_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import recomp_eval.pipeline as pipeline
+
+    folder = tiny_copy(tmp_path / "ckpt")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    # a template that only knows plain-string content: structured parts render as a list repr
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
+    )
+    monkeypatch.setattr(pipeline, "tower_pass", lambda *a, **k: pytest.fail("vision work ran"))
+    status = run_cli(data_dir, tmp_path / "out", f"model.id={folder}", "protocol=lmms_eval")
+    line = one_error_line(capsys, status)
+    assert "protocol=lmms_eval renders 0 '<image>' placeholders" in line
+    assert "protocol=llava15" in line  # the way out
+
+
+def test_fastv_deeper_than_the_llm_stops_before_any_vision_work(
+    data_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import recomp_eval.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "tower_pass", lambda *a, **k: pytest.fail("vision work ran"))
+    status = run_cli(data_dir, tmp_path, "method=fastv", "method.k_layer=3")  # tiny LLM: 3 layers
+    line = one_error_line(capsys, status)
+    assert "k_layer=3 is at or beyond the LLM's depth (3 decoder layers)" in line

@@ -105,6 +105,13 @@ def test_every_benchmark_and_protocol(
     assert rec.benchmark["source"]["data_dir"] == str(data_root / bench)
     results = json.loads(next(tmp_path.rglob("results.json")).read_text())
     assert results["config"]["protocol"]["name"] == protocol
+    details = results["protocol_details"]
+    assert details["image_processor"] == "CLIPImageProcessorPil"
+    if protocol == "lmms_eval":
+        assert details["template_source"].startswith("processor:chat_template")
+        assert "lmms_eval.models.chat.llava_hf.LlavaHf" in details["follows"]
+    else:
+        assert details["template_source"].startswith("vicuna_v1")
     assert results["env"]["packages"]["torch"]
 
 

@@ -5,6 +5,11 @@ Written against transformers 5.23-5.29 (``LlavaForConditionalGeneration`` with
 pinned in ``pyproject.toml``. Local folders are checked first (:func:`check_checkpoint_folder`), so
 a missing, incomplete or truncated checkpoint is one line naming the file; transformers' reports
 that are noise for these loads are silenced for the load call only.
+
+The image processor is pinned to one class on every machine (:func:`load_image_processor`; why in
+:mod:`recomp_eval.models.images`). The CLIP checkpoint that text-guided methods pair with LLaVA's
+tower is checked against that tower once per pair (:func:`clip_pairing_check`,
+``ClipText.pairing``).
 """
 
 from __future__ import annotations
@@ -14,12 +19,30 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from recomp_eval.models.checkpoint_checks import (
+    BadCheckpointError,
+    ModelUnavailableError,
+    check_checkpoint_folder,
+)
+from recomp_eval.models.images import PINNED_IMAGE_PROCESSOR, check_pinnable
+from recomp_eval.models.pairing import (  # noqa: F401 - re-exported
+    PAIRING_RTOL,
+    checkpoint_name,
+    clip_pairing_check,
+    pairing_tensor_names,
+    pairing_warning,
+    vision_tower,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CLIP_TEXT_ID = "openai/clip-vit-large-patch14-336"
 _DTYPES = {
@@ -43,15 +66,6 @@ _TP_LOGGERS = (
     "transformers.integrations.tensor_parallel",
 )
 _REPORT_LOGGER = "transformers.modeling_utils"  # the per-load LOAD REPORT (missing/unexpected keys)
-_MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the limit safetensors itself enforces
-
-
-class ModelUnavailableError(RuntimeError):
-    """Weights for a model id are not available (offline and not cached, or a bad path)."""
-
-
-class BadCheckpointError(ModelUnavailableError):
-    """A local checkpoint folder is missing, incomplete or damaged (one line naming file and fix)."""
 
 
 @dataclass
@@ -69,10 +83,19 @@ class ModelBundle:
     dtype: torch.dtype
     device: torch.device
     clip_text_id: str = DEFAULT_CLIP_TEXT_ID
+    # What ``AutoProcessor`` chose on this machine before the image processor was pinned
+    # (``CLIPImageProcessor`` where torchvision imports, ``CLIPImageProcessorPil`` where not).
+    auto_image_processor_class: str = ""
 
     @property
     def image_processor(self) -> Any:
         return self.processor.image_processor
+
+    @property
+    def image_processor_class(self) -> str:
+        """The image processor's class name (:data:`~recomp_eval.models.images.PINNED_IMAGE_PROCESSOR`
+        for bundles from :func:`load_llava`), for run records."""
+        return type(self.processor.image_processor).__name__
 
     @property
     def image_token_id(self) -> int:
@@ -85,12 +108,26 @@ class ModelBundle:
 
 @dataclass
 class ClipText:
-    """CLIP text tower with projection, its tokenizer, and the vision-side ``visual_projection``."""
+    """CLIP text tower with projection, its tokenizer, and the vision-side ``visual_projection``.
+
+    ``pairing`` is :func:`clip_pairing_check`'s result for the LLaVA model passed to
+    :func:`load_clip_text` (``None`` when none was): whether this CLIP checkpoint's vision tower
+    is LLaVA's, i.e. whether its ``visual_projection`` fits LLaVA's patch features.
+    """
 
     model: Any  # CLIPTextModelWithProjection
     tokenizer: Any
     visual_projection: torch.nn.Linear  # [C -> D], no bias
     model_id: str
+    pairing: dict[str, Any] | None = None
+    # The CLIP vision tensors the pairing check compares (on the CPU, a few MB for CLIP-L), kept
+    # so a later call with a LLaVA model needs no second load; and the paired copies per model.
+    _vision_reference: dict[str, torch.Tensor] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _paired: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False, compare=False
+    )
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -146,120 +183,26 @@ def _from_pretrained(cls: Any, model_id: str, **kwargs: Any) -> Any:
     Local folders should pass :func:`check_checkpoint_folder` first; what it cannot see (a file
     a loader still fails to read) is reported here, never with hub download advice.
     """
+    return _load_with(cls.__name__, cls.from_pretrained, model_id, **kwargs)
+
+
+def _load_with(what: str, load: Callable[..., Any], model_id: str, **kwargs: Any) -> Any:
+    """``load(model_id, **kwargs)`` with the error handling of :func:`_from_pretrained`."""
     from safetensors import SafetensorError
 
     folder = _local_folder(model_id)
     try:
-        return cls.from_pretrained(model_id if folder is None else str(folder), **kwargs)
+        return load(model_id if folder is None else str(folder), **kwargs)
     except Exception as err:
         unreadable = (OSError, SafetensorError, json.JSONDecodeError)
         if folder is not None and isinstance(err, unreadable):
             raise BadCheckpointError(
-                f"{cls.__name__} could not load the checkpoint in {folder} ({_one_line(err)}); "
+                f"{what} could not load the checkpoint in {folder} ({_one_line(err)}); "
                 f"re-download or re-save the checkpoint"
             ) from err
         if folder is None and _is_missing_error(err):
             raise _unavailable(model_id, err) from None
         raise
-
-
-def _json_error(file: Path) -> str | None:
-    """Why ``file`` is not valid JSON (with line and column), or ``None`` when it parses."""
-    try:
-        json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        return f"invalid JSON in {file}: not UTF-8 text (byte {err.start})"
-    except json.JSONDecodeError as err:
-        what = "empty file" if not err.doc.strip() else err.msg
-        return f"invalid JSON in {file}: {what} at line {err.lineno} column {err.colno}"
-    return None
-
-
-def _safetensors_error(file: Path) -> str | None:
-    """Why ``file`` cannot be a complete safetensors file, from its header and size alone.
-
-    Layout: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON mapping each tensor to
-    its ``data_offsets`` ``[begin, end)`` in the data that follows; the file ends where the last
-    tensor ends. The tensor data itself is never read.
-    """
-    size = file.stat().st_size
-    with file.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            return (
-                f"truncated weight file {file}: {size} bytes, shorter than the 8-byte header length"
-            )
-        n = int.from_bytes(prefix, "little")
-        if n > _MAX_SAFETENSORS_HEADER:
-            return f"corrupt weight file {file}: header length {n} is not plausible"
-        if 8 + n > size:
-            return f"truncated weight file {file}: {size} bytes, but its header alone needs {8 + n}"
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        ends = [
-            int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"
-        ]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return f"corrupt weight file {file}: its safetensors header is not valid"
-    expected = 8 + n + max(ends, default=0)
-    if size < expected:
-        return (
-            f"truncated weight file {file}: {size} of {expected} bytes ({100 * size // expected}%)"
-        )
-    if size > expected:
-        return f"corrupt weight file {file}: {size} bytes, {size - expected} past its tensor data"
-    return None
-
-
-def check_checkpoint_folder(path: str | Path, setting: str = "model.id") -> None:
-    """Raise :class:`BadCheckpointError` unless ``path`` looks like a complete local checkpoint.
-
-    Cheap (reads the JSON files and the safetensors headers, never the tensor data); checks, in
-    order: the folder exists; it holds ``config.json``; every ``*.json`` in it parses; every shard
-    a ``*.index.json`` names is present; there is at least one weight file; every
-    ``*.safetensors`` file is as long as its header says.
-
-    Args:
-        path: the checkpoint folder (``~`` is expanded).
-        setting: the config key named in the fix (``model.id``, ``model.clip_text_id``).
-    """
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise BadCheckpointError(
-            f"model folder '{folder}' does not exist; fix the path ({setting}) or use a hub id"
-        )
-    point = f"point {setting} at the folder that holds config.json and the weights"
-    if not folder.is_dir():
-        raise BadCheckpointError(f"not a checkpoint folder: {folder} is a file; {point}")
-    if not (folder / "config.json").is_file():
-        raise BadCheckpointError(f"not a checkpoint folder: no config.json in {folder}; {point}")
-    for file in sorted(folder.glob("*.json")):
-        if problem := _json_error(file):
-            raise BadCheckpointError(f"{problem}; fix the file or re-download it")
-    for index in sorted(folder.glob("*.index.json")):
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            raise BadCheckpointError(f"{index} has no 'weight_map'; re-download it")
-        missing = sorted({str(s) for s in weight_map.values()} - {p.name for p in folder.iterdir()})
-        if missing:
-            shown = ", ".join(missing[:3]) + (
-                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            )
-            raise BadCheckpointError(
-                f"{index} names {len(missing)} shard(s) missing from {folder}: {shown}; "
-                f"re-download them (partial download?)"
-            )
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards and not any(folder.glob("pytorch_model*.bin")):
-        raise BadCheckpointError(
-            f"no weight files in {folder} (model.safetensors, model-*.safetensors with their "
-            f"index, or pytorch_model*.bin); re-download the checkpoint or {point}"
-        )
-    for file in shards:
-        if problem := _safetensors_error(file):
-            raise BadCheckpointError(f"{problem}; re-download it (partial download?)")
 
 
 @contextlib.contextmanager
@@ -318,6 +261,8 @@ def load_llava(
         )
     model = model.to(device).eval()
     processor = _from_pretrained(AutoProcessor, model_id)
+    auto_class = type(processor.image_processor).__name__
+    processor.image_processor = load_image_processor(model_id)
     tokenizer = _from_pretrained(AutoTokenizer, model_id)
     tokenizer.padding_side = "left"
     _check_config(model, tokenizer, model_id)
@@ -332,7 +277,28 @@ def load_llava(
         dtype=torch_dtype,
         device=torch.device(device),
         clip_text_id=clip_text_id,
+        auto_image_processor_class=auto_class,
     )
+
+
+def load_image_processor(model_id: str) -> Any:
+    """The checkpoint's image-processor settings in the pinned class, on any machine.
+
+    :data:`~recomp_eval.models.images.PINNED_IMAGE_PROCESSOR` (``CLIPImageProcessorPil``) is built
+    from the checkpoint's own settings (``preprocessor_config.json``, or the nested entry of
+    ``processor_config.json``), whatever ``image_processor_type`` they name and whether or not
+    torchvision is installed, so both protocols get the same pixels everywhere.
+
+    Raises:
+        ValueError: the settings name a processor the pinned class cannot stand in for
+            (:func:`~recomp_eval.models.images.check_pinnable`).
+    """
+    import transformers
+
+    pinned = getattr(transformers, PINNED_IMAGE_PROCESSOR)
+    config, _ = _load_with(pinned.__name__, pinned.get_image_processor_dict, model_id)
+    check_pinnable(config, model_id)
+    return pinned.from_dict(config)
 
 
 def _check_config(model: Any, tokenizer: Any, model_id: str) -> None:
@@ -372,9 +338,22 @@ def _load_clip_text_cached(model_id: str, dtype: torch.dtype, device: str) -> Cl
     text = text.to(device).eval()
     tokenizer = _from_pretrained(AutoTokenizer, model_id)
     projection = vision.visual_projection.to(device).eval()
-    del vision  # only the projection is needed; the tower itself is LLaVA's
+    # Only the projection is used (the tower that runs is LLaVA's); keep the few tensors the
+    # pairing check compares, so the check needs neither this tower again nor the LLaVA model here.
+    tower = vision_tower(vision)
+    params = dict(tower.named_parameters())
+    reference = {
+        name: params[name].detach().to("cpu").clone()
+        for name in pairing_tensor_names(tower.config.num_hidden_layers)
+        if name in params
+    }
+    del vision, tower, params
     return ClipText(
-        model=text, tokenizer=tokenizer, visual_projection=projection, model_id=model_id
+        model=text,
+        tokenizer=tokenizer,
+        visual_projection=projection,
+        model_id=model_id,
+        _vision_reference=reference,
     )
 
 
@@ -382,6 +361,23 @@ def load_clip_text(
     model_id: str = DEFAULT_CLIP_TEXT_ID,
     dtype: str | torch.dtype = "float16",
     device: str | torch.device = "cpu",
+    llava_model: torch.nn.Module | None = None,
 ) -> ClipText:
-    """CLIP text tower + tokenizer + ``visual_projection``, loaded once per (id, dtype, device)."""
-    return _load_clip_text_cached(model_id, resolve_dtype(dtype), str(torch.device(device)))
+    """CLIP text tower + tokenizer + ``visual_projection``, loaded once per (id, dtype, device).
+
+    With ``llava_model`` (a ``LlavaForConditionalGeneration``), the result also carries
+    ``pairing``: :func:`clip_pairing_check` of this CLIP checkpoint's vision tower against that
+    model's, run once per (CLIP load, LLaVA model); a mismatch logs one warning line then, never
+    again for that pair. Without it, ``pairing`` is ``None`` (and the object is the one cached).
+    """
+    clip = _load_clip_text_cached(model_id, resolve_dtype(dtype), str(torch.device(device)))
+    if llava_model is None:
+        return clip
+    paired = clip._paired.get(llava_model)
+    if paired is None:
+        result = clip_pairing_check(llava_model, clip._vision_reference)
+        if not result["matches"]:
+            log.warning(pairing_warning(model_id, checkpoint_name(llava_model), result))
+        paired = replace(clip, pairing=result)
+        clip._paired[llava_model] = paired
+    return paired
