@@ -193,6 +193,9 @@ def generate(
     if spec.text is not None:
         clip_text = load_clip_text(bundle.clip_text_id, bundle.dtype, device, llava_model=model)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+    if protocol == "lmms_eval":  # as lmms-eval's llava_hf: EOS (and pad) from the tokenizer
+        kwargs.setdefault("eos_token_id", bundle.tokenizer.eos_token_id)
+        kwargs.setdefault("pad_token_id", bundle.tokenizer.eos_token_id)
     with compress(model, method, bundle.image_token_id) as probe:
         compressed, features = vision_side(
             model,
