@@ -79,14 +79,13 @@ def test_second_identical_run_exits_with_one_line(data_dir: Path, tmp_path: Path
 
 
 def test_second_cli_process_on_a_busy_run_exits_with_one_line(
-    data_dir: Path, tmp_path: Path
+    data_dir: Path, tmp_path: Path, bundle
 ) -> None:
     """A second process (the CLI) meets a run folder another live process holds."""
     args = [sys.executable, "-m", "recomp_eval", "benchmark=pope", f"benchmark.data_dir={data_dir}",
             f"paths.root={tmp_path}", "runner.max_new_tokens=3", "method=pool"]  # fmt: skip
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    (folder,) = [p.parent for p in tmp_path.rglob("identity.json")]
+    (done,) = evaluate(config(data_dir, tmp_path), bundle)  # the same run, made in-process
+    folder = Path(done.run_dir)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from recomp_eval.run_folder import RunFolder\n"
          "with RunFolder(sys.argv[1]).claim():\n print('held', flush=True); time.sleep(60)",

@@ -289,16 +289,20 @@ def test_wandb_logger_offline(data_root: Path, tmp_path: Path, bundle, monkeypat
     assert not any(cell == "Image" for row in cells for cell in row)
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    proc = _cli(["benchmark=gqa", f"paths.root={tmp_path}", "retention=2"])
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2
-    error_lines = [line for line in out.splitlines() if "error" in line.lower()]
-    assert len(error_lines) == 1 and "retention=2" in error_lines[0], out
-    proc = _cli(["benchmark=gqa", f"paths.root={tmp_path}"])  # no data offline
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2
-    assert "prefetch" in out and "Traceback" not in out, out
+def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    """Through the function the Hydra app calls (the CLI wrapper itself: test_cli_errors.py)."""
+    from recomp_eval.cli import run
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        bad = compose(config_name="eval", overrides=["benchmark=gqa", f"paths.root={tmp_path}",
+                                                     "retention=2"])  # fmt: skip
+        no_data = compose(config_name="eval", overrides=["benchmark=gqa", f"paths.root={tmp_path}"])
+    assert run(bad) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "retention=2" in err, err
+    assert run(no_data) == 2  # no data offline
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prefetch" in err and "Traceback" not in err, err
 
 
 def test_synth_tags_slice_the_results(tmp_path: Path, bundle) -> None:
