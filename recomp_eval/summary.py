@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from recomp_eval.efficiency.flops import DecoderShape, prefill_flops, vit_flops
+from recomp_eval.efficiency.flops import flops_summary
 from recomp_eval.methods import BuiltMethod
 
 STAGES = ("vision", "text", "compression", "prefill", "decode")
@@ -114,37 +114,6 @@ def slice_metrics(
                 out[f"{bench}/slice/{tag}={value}/{metric}"] = scored[primary]
                 out[f"{bench}/slice/{tag}={value}/n"] = float(len(subset))
     return out
-
-
-def flops_summary(config: Any, method: BuiltMethod, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean analytic prefill TFLOPs per sample from the counts the LLM saw, and ViT TFLOPs.
-
-    ``config``: the LLaVA config (``text_config`` and ``vision_config`` give the sizes).
-    """
-    shape = DecoderShape.from_config(config.text_config)
-    per_sample = {"swiglu": [], "fastv": []}
-    llm = method.llm
-    for r in rows:
-        text = int(r["text_tokens"])
-        if llm is not None:
-            from recomp_eval.llm_methods.fastv import kept_count
-
-            n_img = round(r.get("n_image_tokens") or num_patches(config))
-            keep = kept_count(n_img, llm)
-            k = min(llm.k_layer, shape.layers)
-            counts = [text + n_img] * k + [text + keep] * (shape.layers - k)
-        else:
-            counts = text + round(float(r["kept_tokens"]))
-        for formula in per_sample:
-            per_sample[formula].append(prefill_flops(counts, shape, formula) / 1e12)  # type: ignore[arg-type]
-    vit = vit_flops(config.vision_config, passes=method.spec.vit_passes) / 1e12
-    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
-    return {
-        "prefill_tflops": mean(per_sample["swiglu"]),
-        "prefill_tflops_fastv_formula": mean(per_sample["fastv"]),
-        "vision_tflops": vit,
-        "formula": "swiglu: 2*(4nd^2 + 2n^2d + 3ndm) per layer (GQA-aware QKVO); fastv: 2ndm FFN",
-    }
 
 
 def build_record(
