@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 from recomp_eval.config_path import CONFIG_DIR
 
 OVERRIDE = re.compile(r"^(?P<op>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.]*)(=(?P<value>.*))?$")
+# protocol keys the model family reads from the protocol *file* (conversation and image handling)
+FAMILY_READ_PROTOCOL_KEYS = ("conversation", "system_prompt", "image_mode", "pad_color")
 SWEEP_SYNTAX = re.compile(r"^\w+\(")  # choice(...), range(...), glob(...), interval(...)
 
 
@@ -96,6 +98,12 @@ def check_overrides(argv: list[str]) -> str | None:
             return (
                 f"unknown config key '{head}'{_did_you_mean(head, top_keys)}; top-level keys: "
                 f"{', '.join(k for k in top_keys if k != 'hydra')}"
+            )
+        if head == "protocol" and rest.split(".")[0] in FAMILY_READ_PROTOCOL_KEYS:
+            return (
+                f"protocol.{rest.split('.')[0]} is read from the protocol file by the model "
+                f"family; add a protocol file (configs/protocol/<name>.yaml, then "
+                f"protocol=<name>) instead of overriding it"
             )
         if not rest or head not in known_groups or head == "experiment":
             continue

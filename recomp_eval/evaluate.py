@@ -10,7 +10,6 @@ dataset and every method's options are validated before the model is loaded.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -20,24 +19,23 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recomp_eval import keepmap
 from recomp_eval.benchmarks.base import BadSample
-from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.methods import BuiltMethod, build_method
-from recomp_eval.records import RunRecord, stable_hash, write_json_atomic
+from recomp_eval.metrics.submission import write_configured_submission
+from recomp_eval.records import RunRecord, sample_row, stable_hash, write_json_atomic
 from recomp_eval.run_folder import RunFolder, read_json, run_peak_memory, settle
 from recomp_eval.runner import PendingSample, SampleStore, check_runner_config, run_loop
 from recomp_eval.runs import (
     RunSpec,
-    context_key,
+    content_fingerprints,
     effective_retention,
     expand_runs,
     folder_name,
-    pairing_key,
+    identity_document,
     run_dir,
-    settings_key,
+    run_identity,
 )
-from recomp_eval.summary import build_record, num_patches, peak_memory
+from recomp_eval.summary import build_record, peak_memory
 from recomp_eval.tracking import log_samples, make_tracker
 
 log = logging.getLogger(__name__)
@@ -49,41 +47,11 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C (or a stop hook) during a run; ``str()`` says what is saved and how to resume."""
 
 
-def model_path(model_cfg: DictConfig | dict[str, Any]) -> str:
-    """The folder (or hub id) the model loads from (``id: tiny`` builds the offline tiny model)."""
-    from recomp_eval.models.tiny import build_tiny
-
-    model_id = str(dict(model_cfg)["id"])
-    return str(build_tiny()) if model_id == "tiny" else resolve_local(model_id)
-
-
 def load_model(model_cfg: DictConfig | dict[str, Any]):
-    """Load the configured checkpoint (``id: tiny`` builds the offline tiny model)."""
-    from recomp_eval.models.loader import load_llava
+    """Load the configured checkpoint through its family (see :func:`recomp_eval.models.load_model`)."""
+    from recomp_eval.models import load_model as load
 
-    cfg = dict(model_cfg)
-    device = cfg.get("device", "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"model.device={device} but CUDA is not available; pass model.device=cpu "
-            f"(and model.dtype=float32 or bfloat16 on CPU)"
-        )
-    return load_llava(
-        model_path(cfg),
-        dtype=cfg.get("dtype", "float32"),
-        device=device,
-        attn_implementation=cfg.get("attn_implementation", "sdpa"),
-        clip_text_id=cfg.get("clip_text_id"),
-    )
-
-
-def resolve_local(model_id: str) -> str:
-    """A relative folder is looked up in the working directory, then in the repository."""
-    path = Path(os.path.expanduser(model_id))
-    if path.is_absolute() or path.exists():
-        return str(path)
-    in_repo = CONFIG_DIR.parent / path
-    return str(in_repo) if in_repo.exists() else model_id  # else: a hub id
+    return load(model_cfg)
 
 
 def build_benchmark(bench_cfg: dict[str, Any], limit: int | None = None):
@@ -118,6 +86,7 @@ class Evaluation:
 
     def __init__(self, cfg: DictConfig, bundle: Any = None) -> None:
         from recomp_eval.benchmarks.prompts import generation_settings
+        from recomp_eval.benchmarks.specs import protocol_spec_from_config
 
         self.cfg = cfg
         check_runner_config(cfg.runner)
@@ -135,13 +104,19 @@ class Evaluation:
         ]
         self.benchmark = build_benchmark(bench_cfg, limit=cfg.get("limit"))
         len(self.benchmark)  # reads the split: missing data fails before the model loads
-        self.settings = dict(generation_settings(self.benchmark.name, self.protocol))
+        # the composed protocol config (command-line overrides included) for prompts and decoding
+        self.protocol_spec = protocol_spec_from_config(
+            OmegaConf.to_container(cfg.protocol, resolve=True)
+        )
+        self.settings = dict(generation_settings(self.benchmark.name, self.protocol_spec))
         if cfg.runner.get("max_new_tokens"):  # smoke tests only; part of the run key
             self.settings["max_new_tokens"] = int(cfg.runner.max_new_tokens)
         self.records_dir = Path(cfg.paths.records_dir)
         self.contents = self.fingerprint_inputs(bundle)
         self.bundle = bundle if bundle is not None else load_model(cfg.model)
-        self.check_model_side()  # template and in-LLM settings, before any vision work
+        self.adapter = self.bundle.adapter
+        self.shapes = self.adapter.shapes(self.bundle)
+        self.check_model_side()  # template, signals, in-LLM settings: before any vision work
         self.session = uuid.uuid4().hex[:12]  # this evaluation's entry in processes.json
         self.vision_cache = None
         if cfg.runner.get("share_vision"):  # one tower pass per batch across `runs` (opt-in)
@@ -149,43 +124,38 @@ class Evaluation:
 
     def check_model_side(self) -> None:
         """One-line errors for what only the loaded checkpoint can tell: a chat template that
-        does not render the protocol's prompt, an in-LLM method deeper than the LLM."""
+        does not render the protocol's prompt, a signal the family cannot supply, an in-LLM
+        method deeper than the LLM."""
         from recomp_eval.inject.llm_attention import check_depth
-        from recomp_eval.models.conversation import PROBE_TEXT, check_prompt, render_prompt
+        from recomp_eval.models.base import PROBE_TEXT, check_signals
 
-        b = self.bundle
-        prompt = render_prompt(self.protocol, PROBE_TEXT, b.tokenizer, b.processor, b.image_token)
-        check_prompt(prompt, PROBE_TEXT, b.image_token, self.protocol)
-        depth = b.model.config.text_config.num_hidden_layers
+        b, adapter = self.bundle, self.adapter
+        prompt = adapter.render_prompt(b, self.protocol, PROBE_TEXT)
+        adapter.check_prompt(b, self.protocol, prompt, PROBE_TEXT)
         for method in self.methods:
+            check_signals(method, adapter)
             if method.llm is not None:
-                check_depth(method.llm, depth)
+                check_depth(method.llm, self.shapes.decoder.layers)
 
     def protocol_details(self) -> dict[str, Any]:
         """What the prompts and pixels follow, for the record."""
-        from recomp_eval.models.conversation import LMMS_WRAPPER, template_source
-
-        b = self.bundle
-        source = template_source(self.protocol, b.tokenizer, b.processor, b.model_id)
-        follows = LMMS_WRAPPER if self.protocol == "lmms_eval" else "LLaVA-1.5 model_vqa_loader"
+        b, adapter = self.bundle, self.adapter
         details = {
-            "template_source": source,
-            "follows": follows,
+            "family": adapter.family,
+            "template_source": adapter.template_source(b, self.protocol),
+            "follows": adapter.follows(self.protocol),
             "image_processor": b.image_processor_class,
         }
         if any(m.spec.text is not None for m in self.methods):
-            from recomp_eval.models.loader import load_clip_text
-
-            clip = load_clip_text(b.clip_text_id, b.dtype, b.device, llava_model=b.model)
-            details["clip_pairing"] = {"clip_text_id": b.clip_text_id, **(clip.pairing or {})}
+            details["clip_pairing"] = adapter.text_pairing(b)
         return details
 
     def shared_vision_cache(self):
         """A :class:`VisionCache` that captures the q/k layers of every entry of ``runs``."""
-        from recomp_eval.inject.context import hook_layers, vision_tower
+        from recomp_eval.inject.context import hook_layers
         from recomp_eval.inject.vision_cache import VisionCache
 
-        n_layers = vision_tower(self.bundle.model).config.num_hidden_layers
+        n_layers = self.adapter.hook_points(self.bundle.model).num_layers
         q_layers, k_layers = set(), set()
         for method in self.methods:
             q, k = hook_layers(method.spec, n_layers)
@@ -193,84 +163,31 @@ class Evaluation:
             k_layers.update(k)
         return VisionCache(q_layers, k_layers)
 
-    # --- identity of a run ----------------------------------------------------------------------
+    # --- identity of a run (pure functions in recomp_eval.runs) --------------------------------
 
     def fingerprint_inputs(self, bundle: Any) -> dict[str, Any]:
-        """Fingerprints of the checkpoint, the CLIP text tower and the data folder (cheap by
-        default; ``runner.fingerprint=full`` hashes every byte once and caches it)."""
-        from recomp_eval.fingerprint import checkpoint_fingerprint, data_fingerprint
+        from recomp_eval.models import resolve_model_path
 
+        checkpoint = bundle.model_id if bundle is not None else resolve_model_path(self.cfg.model)
+        uses_text = any(m.spec.text is not None for m in self.methods)
         mode = str(self.cfg.runner.get("fingerprint") or "quick")
-        checkpoint = bundle.model_id if bundle is not None else model_path(self.cfg.model)
-        out: dict[str, Any] = {
-            "checkpoint": checkpoint_fingerprint(checkpoint, self.cfg.model.get("revision"), mode)
-        }
-        data_dir = self.bench_cfg.get("data_dir")
-        out["data"] = data_fingerprint(data_dir, mode) if data_dir else None
-        out["clip_text"] = None
-        if any(m.spec.text is not None for m in self.methods):
-            clip = self.cfg.model.get("clip_text_id") or (
-                bundle.clip_text_id if bundle is not None else None
-            )
-            if clip is None:
-                sub = Path(checkpoint) / "clip"
-                clip = str(sub) if sub.is_dir() else "openai/clip-vit-large-patch14-336"
-            out["clip_text"] = checkpoint_fingerprint(resolve_local(str(clip)), None, mode)
-        return out
+        return content_fingerprints(self.cfg.model, checkpoint, self.bench_cfg.get("data_dir"),
+                                    uses_text, mode)  # fmt: skip
 
     def run_identity(self, spec: RunSpec, method: BuiltMethod, retention) -> dict[str, Any]:
-        model = self.cfg.model
-        digest = lambda fp: None if fp is None else fp.digest  # noqa: E731
-        return {
-            "model": {
-                "id": str(model.id),
-                "revision": model.get("revision"),
-                "dtype": str(model.dtype),
-                "attn": str(model.get("attn_implementation", "sdpa")),
-            },
-            "method": {
-                "name": spec.method,
-                "config": method.config,
-                "retention": retention,
-                # the text tower is an input of text-guided methods only
-                "clip_text": digest(self.contents["clip_text"]) if method.spec.text else None,
-            },
-            "protocol": OmegaConf.to_container(self.cfg.protocol, resolve=True),
-            "benchmark": {k: v for k, v in self.bench_cfg.items() if k not in ("data_dir",)},
-            "revision": self.benchmark_revision(),
-            "limit": self.cfg.get("limit"),
-            "generation": self.settings,
-            "contents": {
-                "checkpoint": digest(self.contents["checkpoint"]),
-                "data": digest(self.contents["data"]),
-            },
-        }
-
-    def benchmark_revision(self) -> str | None:
         source = getattr(self.benchmark, "source", None)
-        if source is None:
-            return None
-        return source.resolved_revision or source.revision
+        revision = None if source is None else (source.resolved_revision or source.revision)
+        return run_identity(
+            OmegaConf.to_container(self.cfg.model, resolve=True),
+            spec.method, method.config, retention, method.spec.text is not None,
+            OmegaConf.to_container(self.cfg.protocol, resolve=True), self.bench_cfg, revision,
+            self.cfg.get("limit"), self.settings, self.contents,
+        )  # fmt: skip
 
     def run_path(self, spec: RunSpec, retention, key: str) -> Path:
         name = folder_name(spec, retention, key)
         return run_dir(self.records_dir, self.benchmark.name, str(self.cfg.model.name),
                        self.protocol, name)  # fmt: skip
-
-    def identity_document(self, spec, identity, key: str, used: set[str]) -> dict[str, Any]:
-        fingerprints = {
-            k: (fp.to_dict() if fp is not None and k in used else None)
-            for k, fp in self.contents.items()
-        }
-        return {
-            "run_key": key,
-            "settings_key": settings_key(identity),
-            "context_key": context_key(identity),
-            "pairing_key": pairing_key(identity),
-            "label": spec.label,
-            "identity": identity,
-            "fingerprints": fingerprints,
-        }
 
     # --- one run --------------------------------------------------------------------------------
 
@@ -284,16 +201,16 @@ class Evaluation:
         from recomp_eval.benchmarks.prompts import user_prompt
         from recomp_eval.pipeline import prompt_text_tokens
 
-        config = self.bundle.model.config
-        context = (
-            self.cfg.runner.get("context_length") or config.text_config.max_position_embeddings
-        )
-        budget = int(context) - num_patches(config) - int(self.settings["max_new_tokens"])
+        patches = self.shapes.patches
+        context = self.cfg.runner.get("context_length") or self.shapes.context_length
+        budget = int(context) - patches - int(self.settings["max_new_tokens"])
         for sample in self.benchmark.iterate(skip=done.keys()):
-            text = user_prompt(sample, self.protocol)
+            text = user_prompt(
+                sample, self.protocol_spec, template=self.bench_cfg["prompt_template"]
+            )
             n_text = prompt_text_tokens(self.bundle, text, self.protocol)
             if n_text > budget:
-                detail = (f"{n_text} text + {num_patches(config)} visual + "
+                detail = (f"{n_text} text + {patches} visual + "
                           f"{self.settings['max_new_tokens']} new tokens > context {context}")  # fmt: skip
                 too_long.append(BadSample(sample.sample_id, "prompt_too_long", detail))
                 continue
@@ -313,38 +230,19 @@ class Evaluation:
             max_new_tokens=int(self.settings["max_new_tokens"]),
             stop=tuple(self.settings.get("stop") or ()),
             vision_cache=self.vision_cache,
+            do_sample=bool(self.settings["do_sample"]),
         )
-        rows = []
-        for pending, res in zip(batch, results):
-            codes = None
-            if res.compressed is not None:
-                c = res.compressed
-                codes = keepmap.encode(keepmap.keep_map(c.role[0], c.source[0], c.members[0]))
-            rows.append(
-                {
-                    "sample_id": pending.sample_id,
-                    "question": pending.sample.question,
-                    "answers": pending.sample.answers,
-                    "meta": pending.sample.meta,
-                    "prediction": res.text,
-                    "kept_tokens": res.kept_tokens,
-                    "text_tokens": res.text_tokens,
-                    "new_tokens": len(res.new_token_ids),
-                    "timings_ms": res.timings,
-                    "batch_size": res.batch_size,
-                    "warmup": not warm,
-                    "keep_map": codes,
-                    "prompt": res.prompt if pending is batch[0] else None,
-                }
-            )
-        return rows
+        return [
+            sample_row(p.sample, res, warm=warm, first=p is batch[0])
+            for p, res in zip(batch, results)
+        ]
 
     def run(self, spec: RunSpec, method: BuiltMethod) -> RunRecord:
         retention = effective_retention(spec, method.config)
         identity = self.run_identity(spec, method, retention)
         key = stable_hash(identity)
         used = {"checkpoint", "data"} | ({"clip_text"} if method.spec.text else set())
-        document = self.identity_document(spec, identity, key, used)
+        document = identity_document(spec.label, identity, key, self.contents, used)
         policy = str(self.cfg.runner.get("on_change") or "new")
         folder, notes = settle(RunFolder(self.run_path(spec, retention, key)), document, policy)
         with folder.claim(str(self.cfg.runner.get("on_busy") or "exit")):
@@ -411,6 +309,8 @@ class Evaluation:
         previous = (folder.path / "results.json").is_file()
         record.experiments = sorted(set(record.experiments) | self._earlier_experiments(folder))
         write_json_atomic(folder.path / "results.json", record.to_dict())
+        if (sub := write_configured_submission(self.bench_cfg, rows, folder.path)) is not None:
+            log.info("wrote the EvalAI submission %s", sub)
         log.info("%s %s", "rewrote" if previous else "wrote", folder.path / "results.json")
         return record
 

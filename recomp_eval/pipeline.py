@@ -1,16 +1,18 @@
-"""One entry point: batched generation with any compression method on a LLaVA checkpoint.
+"""One entry point: batched generation with any compression method on any registered family.
 
 ``generate(bundle, method, images, user_texts, questions, protocol, sample_ids, max_new_tokens)``
 renders prompts per protocol, preprocesses images, runs the vision side inside
-``compress(model, method)`` (signals -> method -> projector), feeds exactly ``lengths[i]`` image
-tokens per sample and decodes greedily. Timings are the batch's stage times in ms (equal to the
-sample's own at batch size 1); ``batch_size`` is recorded with them.
+``compress(model, method)`` (tower pass(es) -> signals -> method -> projector), feeds exactly
+``lengths[i]`` visual tokens per sample and decodes greedily. Every family-specific step is a
+call on ``bundle.adapter`` (:class:`~recomp_eval.models.base.ModelAdapter`): this module knows
+no family. Timings are the batch's stage times in ms (equal to the sample's own at batch size
+1); ``batch_size`` is recorded with them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,20 +20,10 @@ from PIL import Image
 from transformers import StoppingCriteriaList
 
 from recomp_eval.inject.context import compress
-from recomp_eval.inject.llava_hf import (
-    add_text_signal,
-    expand_image_tokens,
-    generate_with_features,
-    project,
-    signals_from_pass,
-    tower_pass,
-)
+from recomp_eval.inject.tower_policy import vision_passes
 from recomp_eval.inject.vision_cache import VisionCache
 from recomp_eval.methods.base import Compressed
-from recomp_eval.models.conversation import check_prompt, render_prompt
-from recomp_eval.models.images import preprocess_images
-from recomp_eval.models.loader import ModelBundle, load_clip_text
-from recomp_eval.signals.text import encode_texts, select_texts
+from recomp_eval.models.base import ModelBundle
 from recomp_eval.signals.vision import sample_seeds
 from recomp_eval.stop_text import StopOnText, cut_at_stop
 from recomp_eval.timing import FirstTokenMark, StageTimer
@@ -72,82 +64,52 @@ def prepare_batch(
     bundle: ModelBundle, images: Sequence[Image.Image], user_texts: Sequence[str], protocol: str
 ) -> PreparedBatch:
     """Render and tokenize one prompt per sample (single image token) and preprocess images."""
-    prompts = [
-        render_prompt(protocol, t, bundle.tokenizer, bundle.processor, bundle.image_token)
-        for t in user_texts
-    ]
+    adapter = bundle.adapter
+    prompts = [adapter.render_prompt(bundle, protocol, t) for t in user_texts]
     for prompt, text in zip(prompts, user_texts):  # before any vision work
-        check_prompt(prompt, text, bundle.image_token, protocol)
+        adapter.check_prompt(bundle, protocol, prompt, text)
     prompt_ids = [bundle.tokenizer(p)["input_ids"] for p in prompts]
-    pixel_values = preprocess_images(images, bundle.image_processor, protocol)
+    pixel_values = adapter.preprocess(bundle, images, protocol)
     return PreparedBatch(prompts=prompts, prompt_ids=prompt_ids, pixel_values=pixel_values)
 
 
 def prompt_text_tokens(bundle: ModelBundle, user_text: str, protocol: str) -> int:
     """Tokens of the rendered prompt other than the image placeholder (before expansion)."""
-    prompt = render_prompt(
-        protocol, user_text, bundle.tokenizer, bundle.processor, bundle.image_token
-    )
+    prompt = bundle.adapter.render_prompt(bundle, protocol, user_text)
     ids = bundle.tokenizer(prompt)["input_ids"]
     return sum(1 for t in ids if t != bundle.image_token_id)
 
 
 @torch.no_grad()
 def vision_side(
-    model: torch.nn.Module,
+    bundle: ModelBundle,
     method: Any,
     probe: Any,
     pixel_values: torch.Tensor,
     timer: StageTimer,
-    clip_text: Any = None,
     questions: Sequence[str] = (),
     prompt_ids: Sequence[Sequence[int]] = (),
-    tokenizer: Any = None,
     seeds: torch.Tensor | None = None,
     cache: VisionCache | None = None,
     cache_key: tuple | None = None,
 ) -> tuple[Compressed, list[torch.Tensor]]:
-    """Tower -> signals (+ text signal) -> method -> projector, timed per stage.
+    """Tower pass(es) -> signals (+ text signal) -> method -> projector, timed per stage.
 
     Must run inside ``compress(model, method)`` (``probe``). Returns the :class:`Compressed`
-    output and the per-sample projected features [T_i, E]. With ``cache`` (and ``cache_key``), a
-    tower pass stored by an earlier run of the same batch is reused and its measured span is
-    reported as this run's vision stage (see :mod:`recomp_eval.inject.vision_cache`).
+    output and the per-sample projected features [T_i, E]. With ``cache`` (and ``cache_key``),
+    a tower pass stored by an earlier run of the same batch is reused and its measured span is
+    reported as this run's vision stage (:mod:`recomp_eval.inject.tower_policy`).
     """
-    spec = method.spec
-    done = None
-    if cache is not None and cache_key is not None:
-        done = cache.get(cache_key, probe.q_layers, probe.k_layers)
-    if done is not None:
-        timer.add("vision", *done.span)
-        if spec.vit_passes == 2:
-            # the released RC's second pass repeats the first on the same pixels: its output is
-            # the stored last hidden state and its cost the stored span, counted again
-            timer.add("vision", *done.span)
-            spec = replace(spec, vit_passes=1)
-        with timer.stage("vision"):
-            tower_out = signals_from_pass(model, done, pixel_values, spec, seeds)
-    else:
-        start = timer.mark()
-        extra = (cache.q_layers, cache.k_layers) if cache is not None else ((), ())
-        done = tower_pass(model, pixel_values, probe, *extra)
-        done.span = (start, timer.mark())
-        timer.add("vision", *done.span)
-        with timer.stage("vision"):
-            tower_out = signals_from_pass(model, done, pixel_values, spec, seeds)
-        if cache is not None and cache_key is not None:
-            cache.put(cache_key, done)
+    adapter, spec = bundle.adapter, method.spec
+    done = vision_passes(adapter, bundle, probe, pixel_values, spec, timer, cache, cache_key)
+    with timer.stage("vision"):
+        tower_out = adapter.signals(bundle, done, spec, seeds)
     if spec.text is not None:
-        if clip_text is None:
-            raise ValueError(f"method '{method.name}' needs the CLIP text tower (clip_text)")
         with timer.stage("text"):
-            image_token_id = int(model.config.image_token_id)
-            texts = select_texts(spec.text, questions, prompt_ids, tokenizer, image_token_id)
-            text_embeds = encode_texts(clip_text, texts, spec.text)  # [B,D]
-            add_text_signal(tower_out, text_embeds, clip_text.visual_projection)
+            adapter.add_text_signal(bundle, tower_out, spec, questions, prompt_ids)
     with timer.stage("compression"):
         compressed = method(tower_out.signals)
-        features = project(model, compressed)  # B x [T_i, E]
+        features = adapter.project(bundle, compressed)  # B x [T_i, E]
     return compressed, features
 
 
@@ -168,7 +130,7 @@ def generate(
     """Greedy generation for a batch with ``method`` applied.
 
     Args:
-        bundle: from :func:`~recomp_eval.models.loader.load_llava`.
+        bundle: from :func:`~recomp_eval.models.load_model` (its ``adapter`` drives every step).
         method: a :class:`~recomp_eval.methods.BuiltMethod`.
         images: B PIL images.
         user_texts: B user turns (question plus protocol suffix), without the image token.
@@ -184,48 +146,37 @@ def generate(
     b = len(images)
     if not (len(user_texts) == len(questions) == len(sample_ids) == b):
         raise ValueError("images, user_texts, questions and sample_ids must have equal lengths")
-    model, device = bundle.model, bundle.device
+    model, device, adapter = bundle.model, bundle.device, bundle.adapter
     batch = prepare_batch(bundle, images, user_texts, protocol)
     spec = method.spec
     timer = StageTimer(device)
     seeds = sample_seeds(sample_ids, device) if spec.needs_seeds else None
-    clip_text = None
-    if spec.text is not None:
-        clip_text = load_clip_text(bundle.clip_text_id, bundle.dtype, device, llava_model=model)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
     if protocol == "lmms_eval":  # as lmms-eval's llava_hf: EOS (and pad) from the tokenizer
         kwargs.setdefault("eos_token_id", bundle.tokenizer.eos_token_id)
         kwargs.setdefault("pad_token_id", bundle.tokenizer.eos_token_id)
-    with compress(model, method, bundle.image_token_id) as probe:
+    with compress(model, method, bundle.image_token_id, adapter) as probe:
         compressed, features = vision_side(
-            model,
+            bundle,
             method,
             probe,
             batch.pixel_values,
             timer,
-            clip_text=clip_text,
             questions=questions,
             prompt_ids=batch.prompt_ids,
-            tokenizer=bundle.tokenizer,
             seeds=seeds,
             cache=vision_cache,
             cache_key=VisionCache.key(sample_ids, batch.pixel_values),
         )
         lengths = compressed.lengths.tolist()
-        input_ids, attention_mask = expand_image_tokens(
-            batch.prompt_ids,
-            lengths,
-            bundle.image_token_id,
-            bundle.tokenizer.pad_token_id,
-            device,
-        )
+        input_ids, attention_mask = adapter.expand_prompt(bundle, batch.prompt_ids, lengths)
         mark = FirstTokenMark(timer)
         if stop:
             stopper = StopOnText(bundle.tokenizer, stop, prompt_length=input_ids.shape[1])
             kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
         start = timer.mark()
-        out = generate_with_features(
-            model, input_ids, attention_mask, features, logits_processor=[mark], **kwargs
+        out = adapter.generate(
+            bundle, input_ids, attention_mask, features, logits_processor=[mark], **kwargs
         )
         end = timer.mark()
         llm_probe = probe.llm

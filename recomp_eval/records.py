@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 SCHEMA_VERSION = 2  # 2: run identity covers checkpoint/data contents (identity, run_dir fields)
 PACKAGES = (
@@ -63,6 +63,50 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class SampleRow(TypedDict):
+    """One line of a run's ``samples.jsonl``: the only place a per-sample row is defined."""
+
+    sample_id: str
+    question: str
+    answers: list[str]
+    meta: dict[str, Any]
+    prediction: str  # the generation, stripped (and cut at a stop string)
+    kept_tokens: float  # visual tokens the LLM saw (in-LLM methods: mean over layers)
+    text_tokens: int  # prompt tokens other than the image placeholder
+    new_tokens: int
+    timings_ms: dict[str, float]  # the batch's stage times
+    batch_size: int
+    warmup: bool  # batch excluded from latency statistics
+    keep_map: str | None  # recomp_eval.keepmap code string of the kept/merged patches
+    prompt: str | None  # the rendered prompt, on the first row of each batch only
+
+
+def sample_row(sample: Any, result: Any, warm: bool, first: bool) -> SampleRow:
+    """The row of one generated sample (``sample``: a benchmark Sample, ``result``: its
+    :class:`~recomp_eval.pipeline.GenerationResult`)."""
+    from recomp_eval import keepmap
+
+    codes = None
+    if result.compressed is not None:
+        c = result.compressed
+        codes = keepmap.encode(keepmap.keep_map(c.role[0], c.source[0], c.members[0]))
+    return SampleRow(
+        sample_id=sample.sample_id,
+        question=sample.question,
+        answers=sample.answers,
+        meta=sample.meta,
+        prediction=result.text,
+        kept_tokens=result.kept_tokens,
+        text_tokens=result.text_tokens,
+        new_tokens=len(result.new_token_ids),
+        timings_ms=result.timings,
+        batch_size=result.batch_size,
+        warmup=not warm,
+        keep_map=codes,
+        prompt=result.prompt if first else None,
+    )
 
 
 def stable_hash(payload: Any, length: int = 16) -> str:

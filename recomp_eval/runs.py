@@ -28,6 +28,9 @@ from recomp_eval.methods import check_retention
 from recomp_eval.records import stable_hash
 
 MAX_LABEL_CHARS = 96  # folder names stay well under the 255-byte limit; the key keeps them unique
+# Benchmark settings outside the identity: where the data lives (its contents are fingerprinted)
+# and which metric is the headline (scoring only; added after schema 2, so keys stay the same).
+NOT_IN_IDENTITY = ("data_dir", "primary")
 
 
 def method_defaults(name: str) -> dict[str, Any]:
@@ -163,3 +166,85 @@ def folder_name(spec: RunSpec, retention: float | None, key: str) -> str:
 
 def run_dir(records_dir: Path, bench: str, model: str, protocol: str, name: str) -> Path:
     return Path(records_dir) / bench / model / protocol / name
+
+
+def content_fingerprints(
+    model_cfg: Any, checkpoint: str, data_dir: str | None, uses_text: bool, mode: str = "quick"
+) -> dict[str, Any]:
+    """Fingerprints of the checkpoint, the data folder and (for text-guided runs) the text
+    tower: cheap by default; ``mode="full"`` hashes every byte once and caches it."""
+    from recomp_eval.fingerprint import checkpoint_fingerprint, data_fingerprint
+    from recomp_eval.models import DEFAULT_FAMILY, get_adapter
+
+    model = dict(model_cfg)
+    out: dict[str, Any] = {
+        "checkpoint": checkpoint_fingerprint(checkpoint, model.get("revision"), mode),
+        "data": data_fingerprint(data_dir, mode) if data_dir else None,
+        "clip_text": None,
+    }
+    if uses_text:
+        adapter = get_adapter(str(model.get("family") or DEFAULT_FAMILY))
+        tower = adapter.text_tower_path(checkpoint, model.get("clip_text_id"))
+        out["clip_text"] = checkpoint_fingerprint(tower, None, mode)
+    return out
+
+
+def run_identity(
+    model_cfg: dict[str, Any],
+    method_name: str,
+    method_config: dict[str, Any],
+    retention: float | None,
+    uses_text: bool,
+    protocol_cfg: dict[str, Any],
+    bench_cfg: dict[str, Any],
+    revision: str | None,
+    limit: int | None,
+    generation: dict[str, Any],
+    contents: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything that changes a run's answers; its :func:`~recomp_eval.records.stable_hash`
+    is the run key (``contents``: the :func:`content_fingerprints`)."""
+    digest = lambda fp: None if fp is None else fp.digest  # noqa: E731
+    return {
+        "model": {
+            "id": str(model_cfg["id"]),
+            "revision": model_cfg.get("revision"),
+            "dtype": str(model_cfg["dtype"]),
+            "attn": str(model_cfg.get("attn_implementation", "sdpa")),
+        },
+        "method": {
+            "name": method_name,
+            "config": method_config,
+            "retention": retention,
+            # the text tower is an input of text-guided methods only
+            "clip_text": digest(contents["clip_text"]) if uses_text else None,
+        },
+        "protocol": protocol_cfg,
+        "benchmark": {k: v for k, v in bench_cfg.items() if k not in NOT_IN_IDENTITY},
+        "revision": revision,
+        "limit": limit,
+        "generation": generation,
+        "contents": {
+            "checkpoint": digest(contents["checkpoint"]),
+            "data": digest(contents["data"]),
+        },
+    }
+
+
+def identity_document(
+    label: str, identity: dict[str, Any], key: str, contents: dict[str, Any], used: set[str]
+) -> dict[str, Any]:
+    """What a run folder's ``identity.json`` holds: the keys, the identity and the full
+    fingerprints of the contents the run used (``used``: names in ``contents``)."""
+    fingerprints = {
+        k: (fp.to_dict() if fp is not None and k in used else None) for k, fp in contents.items()
+    }
+    return {
+        "run_key": key,
+        "settings_key": settings_key(identity),
+        "context_key": context_key(identity),
+        "pairing_key": pairing_key(identity),
+        "label": label,
+        "identity": identity,
+        "fingerprints": fingerprints,
+    }

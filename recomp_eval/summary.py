@@ -14,13 +14,6 @@ from recomp_eval.methods import BuiltMethod
 
 STAGES = ("vision", "text", "compression", "prefill", "decode")
 SLICE_TAGS = ("size", "family", "near_large")
-PRIMARY_NAMES = {
-    "gqa": ("accuracy",),
-    "vqav2": ("accuracy",),
-    "textvqa": ("accuracy",),
-    "pope": ("f1_mean", "f1"),
-    "mme": ("perception",),
-}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -38,12 +31,6 @@ def peak_memory(device: torch.device) -> dict[str, float]:
         return {"total": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     return {"total": rss, "kind": "host_rss"}
-
-
-def num_patches(config: Any) -> int:
-    """Patches of the vision tower (24 x 24 = 576 for CLIP ViT-L/14-336)."""
-    vc = config.vision_config
-    return (vc.image_size // vc.patch_size) ** 2
 
 
 def latency_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -66,17 +53,32 @@ def latency_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return latency
 
 
-def primary_metric_key(metrics: dict[str, float], bench: str, protocol: str) -> str:
-    """The headline number: accuracy, POPE mean F1 over splits (or pooled F1), MME perception."""
-    from recomp_eval.metrics.registry import METRICS
-    from recomp_eval.metrics.scoring import DEFAULT_METRICS
+def primary_metric_key(
+    metrics: dict[str, float],
+    bench: str,
+    protocol: str,
+    primary: str | None = None,
+    metric_names: list[str] | None = None,
+) -> str:
+    """The headline number's key: the benchmark config's ``primary`` result for the protocol
+    (accuracy, POPE mean F1 over splits or pooled F1, MME perception), with the variant of the
+    first of its ``metrics`` that reports it (``pope/f1_mean_llava``).
 
-    spec = METRICS.get(DEFAULT_METRICS[bench][protocol][0])
-    for name in PRIMARY_NAMES[bench]:
-        key = spec.key(bench, name)
+    Args:
+        primary, metric_names: the composed benchmark config's ``primary`` and ``metrics`` for
+            ``protocol``; None reads ``configs/benchmark/<bench>.yaml``.
+    """
+    from recomp_eval.benchmarks.specs import scoring_spec
+    from recomp_eval.metrics.registry import METRICS
+    from recomp_eval.metrics.scoring import metrics_for
+
+    name = scoring_spec(bench).primary_for(protocol) if primary is None else primary
+    names = metrics_for(bench, protocol, metric_names)
+    keys = [METRICS.get(m).key(bench, name) for m in names] + [f"{bench}/{name}"]
+    for key in keys:
         if key in metrics:
             return key
-    raise KeyError(f"no primary metric for {bench} among {sorted(metrics)}")
+    raise KeyError(f"no primary metric '{name}' for {bench} among {sorted(metrics)}")
 
 
 def slice_metrics(
@@ -142,16 +144,14 @@ def build_record(
     """
     from omegaconf import OmegaConf
 
+    from recomp_eval.benchmarks.specs import benchmark_spec_from_config
     from recomp_eval.metrics import score
     from recomp_eval.records import RunRecord, environment
 
     cfg, bench_cfg, protocol = evaluation.cfg, evaluation.bench_cfg, evaluation.protocol
     bench = evaluation.benchmark.name
-    metric_names = (
-        bench_cfg.get("metrics", {}).get(protocol)
-        if isinstance(bench_cfg.get("metrics"), dict)
-        else None
-    )
+    scoring = benchmark_spec_from_config(bench_cfg).scoring  # metrics, pipeline, primary (YAML)
+    metric_names = list(scoring.metrics_for(protocol))
     report = evaluation.benchmark.report()
     skipped = list(report.get("skipped", [])) + [b.__dict__ for b in too_long]
     if not rows:
@@ -167,8 +167,11 @@ def build_record(
         if reference:
             from recomp_eval.metrics.loyalty import loyalty_metrics
 
-            metrics.update(loyalty_metrics(rows, reference, bench, protocol))
-    primary = primary_metric_key(metrics, bench, protocol)
+            metrics.update(loyalty_metrics(rows, reference, bench, protocol,
+                                           answer_pipeline=scoring.pipeline_for(protocol),
+                                           metrics=metric_names))  # fmt: skip
+    primary = primary_metric_key(metrics, bench, protocol, primary=scoring.primary_for(protocol),
+                                 metric_names=metric_names)  # fmt: skip
     data_dir = bench_cfg.get("data_dir")
     metrics.update(slice_metrics(rows, bench, protocol, primary, metric_names, data_dir))
     kept = [float(r["kept_tokens"]) for r in rows]
@@ -203,7 +206,7 @@ def build_record(
             "requested_retention": retention,
         },
         latency_ms=latency_summary(rows),
-        flops=flops_summary(evaluation.bundle.model.config, method, rows),
+        flops=flops_summary(evaluation.shapes, method, rows),
         samples={
             "evaluated": len(rows),
             "total": len(rows) + len(skipped),

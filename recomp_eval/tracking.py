@@ -270,10 +270,9 @@ def log_samples(tracker: Any, evaluation: Any, spec: Any, record: Any, n: int) -
 
     from recomp_eval import keepmap
     from recomp_eval.runner import SampleStore
-    from recomp_eval.summary import num_patches
 
     rows_by_id = SampleStore(Path(record.run_dir) / "samples.jsonl").load()
-    grid = round(num_patches(evaluation.bundle.model.config) ** 0.5)
+    grid = evaluation.shapes.grid  # (rows, cols) of the family's patch grid
     table = []
     for sample in evaluation.benchmark:
         row = rows_by_id.get(sample.sample_id)
@@ -283,7 +282,7 @@ def log_samples(tracker: Any, evaluation: Any, spec: Any, record: Any, n: int) -
         if row.get("keep_map"):
             fig = keepmap.render(
                 keepmap.decode(row["keep_map"]),
-                (grid, grid),
+                grid,
                 sample.image,
                 title=f"{sample.sample_id}: {row['kept_tokens']:.0f} tokens",
             )

@@ -21,10 +21,12 @@ import torch
 
 from recomp_eval.inject.context import compress
 from recomp_eval.methods import TextSpec, build_method
-from recomp_eval.models.conversation import render_prompt
-from recomp_eval.models.loader import ClipText, resolve_dtype
+from recomp_eval.models.base import ModelBundle
+from recomp_eval.models.llava.adapter import LlavaAdapter, add_text_signal
+from recomp_eval.models.llava.conversation import render_prompt
+from recomp_eval.models.llava.loader import ClipText, resolve_dtype
 from recomp_eval.pipeline import vision_side
-from recomp_eval.signals.text import encode_texts, first_line
+from recomp_eval.signals.text import encode_texts, first_line, select_texts
 from recomp_eval.signals.vision import capture_qk, cls_attention_concat, joint_space_similarity
 from recomp_eval.timing import StageTimer
 
@@ -52,7 +54,7 @@ def build_real_shapes(dtype: torch.dtype, device: str):
         LlavaForConditionalGeneration,
     )
 
-    from recomp_eval.models.tiny import build_tiny
+    from recomp_eval.models.llava.tiny import build_tiny
 
     folder = build_tiny()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -157,6 +159,19 @@ def release_path(model, clip_text, pixels, prompt_ids, tok) -> list[torch.Tensor
     return outs
 
 
+class BenchAdapter(LlavaAdapter):
+    """The LLaVA adapter with the CLIP text tower built in memory (no checkpoint folder)."""
+
+    def __init__(self, clip_text: ClipText) -> None:
+        self.clip_text = clip_text
+
+    def add_text_signal(self, bundle, tower_out, spec, questions, prompt_ids) -> None:
+        texts = select_texts(spec.text, questions, prompt_ids, bundle.tokenizer,
+                             bundle.image_token_id)  # fmt: skip
+        e_t = encode_texts(self.clip_text, texts, spec.text)  # [B,D]
+        add_text_signal(tower_out, e_t, self.clip_text.visual_projection)
+
+
 def _time_interleaved(
     cases: dict, device: str, warmup: int, reps: int
 ) -> dict[str, tuple[float, dict[str, float]]]:
@@ -195,6 +210,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype or ("float16" if args.device == "cuda" else "float32"))
     torch.manual_seed(0)
     model, tok, clip_text = build_real_shapes(dtype, args.device)
+    bundle = ModelBundle(model, tok, None, "bench", dtype, torch.device(args.device),
+                         adapter=BenchAdapter(clip_text))  # fmt: skip
     size = model.config.vision_config.image_size
     rows = []
     for b in args.batch_sizes:
@@ -212,17 +229,15 @@ def main() -> None:
             method = build_method(name, **kw)
 
             def run(timer, method=method, pixels=pixels, prompt_ids=prompt_ids):
-                with compress(model, method) as probe:
+                with compress(model, method, adapter=bundle.adapter) as probe:
                     vision_side(
-                        model,
+                        bundle,
                         method,
                         probe,
                         pixels,
                         timer,
-                        clip_text=clip_text,
                         questions=[QUESTION] * len(prompt_ids),
                         prompt_ids=prompt_ids,
-                        tokenizer=tok,
                     )
 
             cases[label] = run

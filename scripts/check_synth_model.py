@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recomp_eval.benchmarks.prompts import render_prompt as user_text
 from recomp_eval.synth import questions as Q
@@ -111,7 +108,7 @@ def pope_metrics(items, preds) -> dict:
 
 def run_gates(model: str, n_attr: int, n_pope: int, protocol: str = "llava15") -> dict:
     from recomp_eval.methods import build_method
-    from recomp_eval.models.loader import load_llava
+    from recomp_eval.models.llava.loader import load_llava
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bundle = load_llava(model, dtype="float32")

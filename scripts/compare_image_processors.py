@@ -4,7 +4,7 @@ Loads one checkpoint's image-processor settings (``preprocessor_config.json``, d
 llava-1.5-7b-hf file under shared/checkpoints) into ``CLIPImageProcessorPil`` and, where
 torchvision imports, ``CLIPImageProcessor`` (the ``TorchvisionBackend`` class, what
 ``AutoProcessor`` picks beside torchvision), runs seeded synthetic images of several sizes and
-aspect ratios through both protocols of :mod:`recomp_eval.models.images` (``llava15``: pad to a
+aspect ratios through both protocols of :mod:`recomp_eval.models.llava.images` (``llava15``: pad to a
 square with the mean colour, then resize; ``lmms_eval``: resize the shortest edge, centre crop),
 and writes JSON + a markdown table of max / mean absolute differences, in normalised units and in
 8-bit levels (normalised difference x std x 255), with PIL as the reference.
@@ -33,7 +33,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from recomp_eval.models.images import PROTOCOL_IMAGE_MODE, preprocess_images  # noqa: E402
+from recomp_eval.benchmarks.specs import protocol_names  # noqa: E402
+from recomp_eval.models.llava.images import preprocess_images  # noqa: E402
 
 # shared/ beside the repo: the real llava-hf files without weights
 DEFAULT_FOLDER = REPO.parent / "shared" / "checkpoints" / "llava-1.5-7b-hf"
@@ -117,7 +118,7 @@ def compare(folder: Path, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     images = [(kind, w, h, synthetic_image(kind, w, h, rng)) for kind in KINDS for (w, h) in SIZES]
     rows = []
-    for protocol in sorted(PROTOCOL_IMAGE_MODE):
+    for protocol in protocol_names():
         pixels = {
             name: preprocess_images([im for *_, im in images], proc, protocol)
             for name, proc in processors.items()
@@ -129,7 +130,7 @@ def compare(folder: Path, seed: int) -> dict:
                     row[name] = diff_stats(pixels["pil"][i], pixels[name][i], std)
             rows.append(row)
     summary = {}
-    for protocol in sorted(PROTOCOL_IMAGE_MODE):
+    for protocol in protocol_names():
         for name in processors:
             if name == "pil":
                 continue
@@ -189,7 +190,7 @@ def markdown(result: dict) -> str:
         f"Settings from `{result['folder']}`: `{json.dumps(result['settings'])}`. "
         f"Reference: `{result['backends']['pil']}`. `AutoImageProcessor` picks "
         f"`{result['auto_image_processor_class']}` in this environment. "
-        f"{len(result['rows']) // max(1, len(PROTOCOL_IMAGE_MODE))} seeded images per protocol "
+        f"{len(result['rows']) // max(1, len(protocol_names()))} seeded images per protocol "
         f"(seed {result['seed']}), processing on {result['device']}. "
         "Normalised units are the model's input; 8-bit levels = normalised difference x std x 255.",
         "",

@@ -1,7 +1,7 @@
 """Stage 1 of ``scripts/train_tiny.py``: the CLIP-style vision and text towers and their
 auxiliary losses (see that script's docstring for the recipe).
 
-Imported by ``train_tiny.py`` (run that script).
+Imported by ``train_tiny.py`` (run that script); imports only ``train_tiny_common`` of its siblings.
 """
 
 from __future__ import annotations
@@ -12,8 +12,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import train_tiny as T
-from train_tiny import DESCRIPTIONS, GRID, HEAD_WEIGHTS, IGNORE, N_PAIRS, PATCH_HEADS, log
+from train_tiny_common import (
+    DESCRIPTIONS,
+    GRID,
+    HEAD_WEIGHTS,
+    IGNORE,
+    N_PAIRS,
+    PATCH_HEADS,
+    build_scenes,
+    clip_tokenizer,
+    log,
+    lr_at,
+    normalise,
+    resume_from,
+    save_ckpt,
+)
 
 from recomp_eval.synth import scenes as S
 
@@ -33,7 +46,7 @@ def vision_config(args):
 
 
 def text_config(args, tok):
-    from recomp_eval.models.tiny import clip_text_config
+    from recomp_eval.models.llava.tiny import clip_text_config
 
     return clip_text_config(tok, args.text_width, args.proj_dim)
 
@@ -132,13 +145,13 @@ def stage1_loss(model: Stage1, pixels, labels, rows, cols, text_ids, text_mask):
 
 def run_stage1(args, work: Path) -> None:
     torch.manual_seed(args.seed)
-    tok = T.clip_tokenizer()
-    data = T.build_scenes(args.seed, args.s1_scenes, work / "scenes.pt")
+    tok = clip_tokenizer()
+    data = build_scenes(args.seed, args.s1_scenes, work / "scenes.pt")
     log(f"stage 1: {args.s1_scenes} scenes ready")
     model = Stage1(args, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=args.s1_lr, weight_decay=0.05)
     ckpt = work / "stage1.pt"
-    step = T.resume_from(ckpt, model, opt, args.resume, "1")
+    step = resume_from(ckpt, model, opt, args.resume, "1")
     text = tok(DESCRIPTIONS, padding=True, return_tensors="pt")
     total, crop = args.s1_steps, args.s1_crop
     full_from = int(total * (1 - args.s1_full_share))
@@ -161,9 +174,9 @@ def run_stage1(args, work: Path) -> None:
             for i, r, c in zip(idx.tolist(), rows.tolist(), cols.tolist())
         ])  # fmt: skip
         for group in opt.param_groups:
-            group["lr"] = T.lr_at(step, total, args.s1_lr, args.s1_warmup)
+            group["lr"] = lr_at(step, total, args.s1_lr, args.s1_warmup)
         loss, m = stage1_loss(
-            model, T.normalise(pix), lab, rows, cols, text["input_ids"], text["attention_mask"]
+            model, normalise(pix), lab, rows, cols, text["input_ids"], text["attention_mask"]
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,6 +191,6 @@ def run_stage1(args, work: Path) -> None:
             log(f"s1 step {step}/{total} full={full} " + " ".join(
                 f"{k}={v:.3f}" for k, v in avg.items()) + f" ({rate:.2f} step/s)")  # fmt: skip
         if time.time() - last_save > args.save_every or step == total:
-            T.save_ckpt(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step)
+            save_ckpt(ckpt, model=model.state_dict(), opt=opt.state_dict(), step=step)
             last_save = time.time()
     log("stage 1 done")

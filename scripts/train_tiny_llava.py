@@ -1,6 +1,7 @@
 """Stage 2 of ``scripts/train_tiny.py``: the LLaVA model on cached frozen features, and saving.
 
-Imported by ``train_tiny.py`` (run that script); see its docstring for the recipe.
+Imported by ``train_tiny.py`` (run that script); see its docstring for the recipe. Imports only
+``train_tiny_common`` of its siblings.
 """
 
 from __future__ import annotations
@@ -13,13 +14,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import train_tiny as T
+from train_tiny_common import (
+    COLOURS,
+    DESCRIPTIONS,
+    IGNORE,
+    N_PATCH,
+    int_list,
+    log,
+    lr_at,
+    resume_from,
+    save_ckpt,
+    word_tokenizer,
+    words_of,
+)
 
 from recomp_eval.benchmarks.prompts import MME_BUILTIN_SUFFIX
 from recomp_eval.benchmarks.prompts import render_prompt as user_text
-from recomp_eval.models.conversation import VICUNA_V1_SYSTEM
-from recomp_eval.models.conversation import render_prompt as full_prompt
-from recomp_eval.models.tiny import CHAT_TEMPLATE
+from recomp_eval.benchmarks.specs import protocol_spec
+from recomp_eval.models.llava.conversation import render_prompt as full_prompt
+from recomp_eval.models.llava.tiny import CHAT_TEMPLATE
 from recomp_eval.synth import questions as Q
 from recomp_eval.synth import scenes as S
 from recomp_eval.synth.builders import ocr_tokens
@@ -54,7 +67,7 @@ def family_of(question: str) -> str:
 
 
 def build_vocab(seed: int, n_scenes: int) -> list[str]:
-    texts = [VICUNA_V1_SYSTEM, "USER: ASSISTANT:", "Answer the question using a single word or "
+    texts = [protocol_spec("llava15").system_prompt, "USER: ASSISTANT:", "Answer the question using a single word or "
              "phrase.", "Reference OCR token: , ", MME_BUILTIN_SUFFIX]  # fmt: skip
     texts += list(S.COLOURS) + list(S.SHAPES) + list(S.SIZES) + list(S.CHARACTERS)
     texts += list(Q.NUMBER_WORDS) + [" ".join(v) for v in Q._VARIANTS.values()]
@@ -62,11 +75,11 @@ def build_vocab(seed: int, n_scenes: int) -> list[str]:
     for i in range(n_scenes):
         scene = S.make_scene(seed, i)
         texts += [q for _, q, _, _ in scene_questions(seed, i, scene)]
-    return T.words_of(texts)
+    return words_of(texts)
 
 
 def llava_tokenizer(seed: int):
-    tok = T.word_tokenizer(build_vocab(seed, 300), LLAVA_SPECIALS, clip=False)
+    tok = word_tokenizer(build_vocab(seed, 300), LLAVA_SPECIALS, clip=False)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -105,13 +118,13 @@ def make_example(tok, seed: int, index: int, visit: int, k: int):
         pre, suf, ans = encode_block(tok, protocol, bench, question, answer, scene)
         if prefix is None:
             prefix = pre
-            ids += pre + [tok.pad_token_id] * T.N_PATCH
-            is_img += [False] * len(pre) + [True] * T.N_PATCH
-            block += [-1] * (len(pre) + T.N_PATCH)
-            labels += [T.IGNORE] * (len(pre) + T.N_PATCH)
+            ids += pre + [tok.pad_token_id] * N_PATCH
+            is_img += [False] * len(pre) + [True] * N_PATCH
+            block += [-1] * (len(pre) + N_PATCH)
+            labels += [IGNORE] * (len(pre) + N_PATCH)
         assert pre == prefix, "prompt prefix differs between questions"
         rows.append(len(ids) + len(suf) - 1)
-        targets.append(T.DESCRIPTIONS.index(target) if target else -1)
+        targets.append(DESCRIPTIONS.index(target) if target else -1)
         naming = set(target.split()) if target else set()
         if not naming and question.lower().startswith("is there"):
             naming = NAME_WORDS
@@ -121,8 +134,8 @@ def make_example(tok, seed: int, index: int, visit: int, k: int):
         is_img += [False] * (len(suf) + len(ans))
         block += [b] * (len(suf) + len(ans))
         # predict answer token j at the position before it; the final EOS position has no target
-        labels += [T.IGNORE] * (len(suf) - 1) + ans + [T.IGNORE]
-    base = len(prefix) + T.N_PATCH
+        labels += [IGNORE] * (len(suf) - 1) + ans + [IGNORE]
+    base = len(prefix) + N_PATCH
     pos, offsets = [], {}
     for i, b in enumerate(block):
         if b < 0:
@@ -150,7 +163,7 @@ def collate(examples, pad_id: int):
         out["img"].append(img + [False] * pad)
         out["block"].append(block + list(range(10_000, 10_000 + pad)))  # pads: own blocks
         out["pos"].append(pos + [0] * pad)
-        out["labels"].append(labels + [T.IGNORE] * pad)
+        out["labels"].append(labels + [IGNORE] * pad)
     t = {k: torch.tensor(v) for k, v in out.items()}
     blk = t["block"]  # [B,L]
     causal = torch.ones(n, n, dtype=torch.bool).tril()  # [L,L]
@@ -167,12 +180,12 @@ def patch_word_targets(tok, labels: torch.Tensor) -> torch.Tensor:
 
     labels: [B,576,5] stage-1 patch labels (colour, shape, size, char, description).
     """
-    colour_ids = torch.tensor(tok.convert_tokens_to_ids(list(T.COLOURS)))  # [6]
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids(list(COLOURS)))  # [6]
     shape_ids = torch.tensor(tok.convert_tokens_to_ids(list(S.SHAPES)))  # [4]
     c, s = labels[..., 0].long(), labels[..., 1].long()  # [B,576]
     on = (s >= 0) & (s < len(S.SHAPES))
-    cw = torch.where(on, colour_ids[c.clamp(0, len(T.COLOURS) - 1)], T.IGNORE)
-    sw = torch.where(on, shape_ids[s.clamp(0, len(S.SHAPES) - 1)], T.IGNORE)
+    cw = torch.where(on, colour_ids[c.clamp(0, len(COLOURS) - 1)], IGNORE)
+    sw = torch.where(on, shape_ids[s.clamp(0, len(S.SHAPES) - 1)], IGNORE)
     return torch.stack([cw, sw], dim=-1)
 
 
@@ -235,14 +248,14 @@ def stage2_loss(llava, feats_norm, batch, patch_words=None, aux_weight: float = 
     hidden = lm(
         inputs_embeds=emb, attention_mask=batch["mask"], position_ids=batch["pos"]
     ).last_hidden_state  # [B,L,E]
-    sel = batch["labels"] != T.IGNORE  # [B,L]
+    sel = batch["labels"] != IGNORE  # [B,L]
     logits = llava.lm_head(hidden[sel])  # [M,V]
     target = batch["labels"][sel]
     loss = F.cross_entropy(logits, target)
     if patch_words is not None and aux_weight > 0:
         h_img = hidden[batch["img"]]  # [B*576,E] raster order per sample
         words = patch_words.reshape(-1, 2)  # [B*576,2]
-        keep = words[:, 0] != T.IGNORE
+        keep = words[:, 0] != IGNORE
         img_logits = llava.lm_head(h_img[keep])  # [K,V]
         aux = F.cross_entropy(img_logits, words[keep, 0]) + F.cross_entropy(
             img_logits, words[keep, 1]
@@ -289,8 +302,8 @@ def attention_inputs(llava, kinds: dict[int, str]) -> Iterator[dict]:
 
 def grounding_layers(args) -> dict[int, str]:
     """{decoder layer: target kind} from ``--s2-attn-layers`` and ``--s2-word-layers``."""
-    kinds = dict.fromkeys(T.int_list(args.s2_attn_layers), "patches")
-    kinds.update(dict.fromkeys(T.int_list(args.s2_word_layers), "words"))
+    kinds = dict.fromkeys(int_list(args.s2_attn_layers), "patches")
+    kinds.update(dict.fromkeys(int_list(args.s2_word_layers), "words"))
     return kinds
 
 
@@ -301,7 +314,7 @@ def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
         weight_decay=0.01,
     )
     ckpt = work / "stage2.pt"
-    step = T.resume_from(ckpt, llava, opt, args.resume, "2")
+    step = resume_from(ckpt, llava, opt, args.resume, "2")
     n_img = feats.shape[0]
     total, bs = args.s2_steps, args.s2_batch
     last_save, t0, hist, start = time.time(), time.time(), [], step
@@ -314,7 +327,7 @@ def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
             batch = collate(ex, tok.pad_token_id)
             fn = (feats[idx].float() - mean) / std  # [B,576,C]
             for group in opt.param_groups:
-                group["lr"] = T.lr_at(step, total, args.s2_lr, args.s2_warmup)
+                group["lr"] = lr_at(step, total, args.s2_lr, args.s2_warmup)
             words = patch_word_targets(tok, labels[idx])
             loss, acc, mass = stage2_loss(
                 llava, fn, batch, words, args.s2_aux, grounding, labels[idx][..., 4], args.s2_attn
@@ -329,9 +342,9 @@ def train(args, work: Path, llava, tok, feats, mean, std, labels) -> None:
                 ls, ac, mw, mp = np.mean(hist, axis=0)
                 hist = []
                 rate = (time.time() - t0) / max(1, step - start)
-                T.log(f"s2 step {step}/{total} loss={ls:.3f} tok_acc={ac:.3f} "
+                log(f"s2 step {step}/{total} loss={ls:.3f} tok_acc={ac:.3f} "
                       f"attn_words={mw:.2f} attn_patches={mp:.2f} ({rate:.2f} s/step)")  # fmt: skip
             if time.time() - last_save > args.save_every or step == total:
-                T.save_ckpt(ckpt, model=llava.state_dict(), opt=opt.state_dict(), step=step)
+                save_ckpt(ckpt, model=llava.state_dict(), opt=opt.state_dict(), step=step)
                 last_save = time.time()
-    T.log("stage 2 done")
+    log("stage 2 done")

@@ -1,7 +1,7 @@
 """Checkpoint folders in the real llava-hf layout: hub files, random weights, hub tensor names.
 
 ``build_real_layout(dest, template, size)`` writes a folder that loads through
-:func:`recomp_eval.models.loader.load_llava` exactly like a download of
+:func:`recomp_eval.models.llava.loader.load_llava` exactly like a download of
 ``llava-hf/llava-1.5-7b-hf``:
 
 - ``config.json``: the hub file (``tests/data/checkpoints/llava-1.5-7b-hf/config.json``) with only

@@ -433,3 +433,38 @@ def test_cuda_matches_cpu(name: str, options: dict) -> None:
     torch.testing.assert_close(gpu.features.cpu(), cpu.features, atol=1e-8, rtol=0)
     assert torch.equal(gpu.source.cpu(), cpu.source)
     assert torch.equal(gpu.members.cpu(), cpu.members)
+
+
+@pytest.mark.parametrize(
+    ("name", "typo", "suggestion"),
+    [
+        ("none", "retension", None),
+        ("recomp", "lof_neighbours", None),
+        ("prumerge", "n_neighbours", "n_neighbors"),
+        ("prumerge_plus", "fallback_ration", "fallback_ratio"),
+        ("visionzip", "dominent", "dominant"),
+        ("fastervlm", "retentoin", "retention"),
+        ("random", "sead", "seed"),
+        ("pool", "strides", "stride"),
+    ],
+)
+def test_unknown_options_are_one_line_with_a_suggestion(name, typo, suggestion) -> None:
+    """Every method's ``build`` checks its options with ``methods.base.check_options``."""
+    with pytest.raises(ValueError, match="valid options") as info:
+        build_method(name, **{typo: 1})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"unknown options ['{typo}'] for method '{name}'")
+    if suggestion is not None:
+        assert f"(did you mean '{suggestion}'?)" in message
+
+
+def test_check_options() -> None:
+    from recomp_eval.methods.base import check_options
+
+    check_options("pool", {"stride": 2}, ("stride", "mode"))
+    check_options("none", {}, ())
+    with pytest.raises(ValueError, match=r"for method 'none'; valid options: none$"):
+        check_options("none", {"x": 1}, ())
+    with pytest.raises(ValueError, match=r"\['mod', 'zz'\] .*did you mean 'mode'\?\)"):
+        check_options("pool", {"zz": 1, "mod": 2}, ("stride", "mode"))

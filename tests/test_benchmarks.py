@@ -1,5 +1,5 @@
 """Loaders on hub-schema parquet fixtures (same code path as prefetched data), bad records, limit,
-offline errors, prompts per protocol, and configs kept in sync with the code."""
+offline errors, prompts per protocol, and the typed specs against the YAML they load from."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from fixtures import CONFIGS, HUGE_LIMIT, SPLITS, write_fixture
 from PIL import Image
 
 from recomp_eval.benchmarks import BENCHMARK_CLASSES, DatasetUnavailableError, Sample
-from recomp_eval.benchmarks.prompts import (
-    PROMPT_TEMPLATES,
-    PROTOCOLS,
-    generation_settings,
-    render_prompt,
-    user_prompt,
+from recomp_eval.benchmarks.prompts import generation_settings, render_prompt, user_prompt
+from recomp_eval.benchmarks.specs import (
+    BenchmarkPrompt,
+    benchmark_names,
+    benchmark_spec,
+    protocol_names,
+    protocol_spec,
 )
-from recomp_eval.metrics import score
-from recomp_eval.metrics.loyalty import AGREEMENT_PIPELINES
-from recomp_eval.metrics.scoring import DEFAULT_METRICS
+from recomp_eval.metrics import METRICS, NORMALIZERS, SUBMISSION_WRITERS, score
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -214,35 +213,59 @@ def test_generation_settings() -> None:
         generation_settings("gqa", "llava")
 
 
-@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
-def test_protocol_yaml_matches_code(protocol: str) -> None:
-    cfg = yaml.safe_load((CONFIG_DIR / "protocol" / f"{protocol}.yaml").read_text())
-    spec = PROTOCOLS[protocol]
-    assert (cfg["name"], cfg["conversation"], cfg["image_mode"]) == (
-        spec.name,
-        spec.conversation,
-        spec.image_mode,
+def raw_yaml(group: str, name: str) -> dict:
+    return yaml.safe_load((CONFIG_DIR / group / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("protocol", protocol_names())
+def test_protocol_spec_loads_from_yaml(protocol: str) -> None:
+    raw = raw_yaml("protocol", protocol)
+    spec = protocol_spec(protocol)
+    assert (spec.name, spec.conversation, spec.system_prompt, spec.image_mode, spec.do_sample) == (
+        raw["name"],
+        raw["conversation"],
+        raw["system_prompt"],
+        raw["image_mode"],
+        raw["do_sample"],
     )
-    assert cfg["system_prompt"] == spec.system_prompt
-    for bench, settings in spec.benchmarks.items():
-        got = cfg["benchmarks"][bench]
-        assert got["suffix"] == settings.suffix
-        assert tuple(got["question_ops"]) == settings.question_ops
-        assert got["ocr"] == settings.ocr
-        assert got["max_new_tokens"] == settings.max_new_tokens
-        assert tuple(got["stop"]) == settings.stop
+    assert spec.pad_color == (None if raw["pad_color"] is None else tuple(raw["pad_color"]))
+    assert set(spec.benchmarks) == set(raw["benchmarks"]) == set(benchmark_names())
+    for bench, got in raw["benchmarks"].items():
+        assert spec.benchmarks[bench] == BenchmarkPrompt(
+            suffix=got["suffix"],
+            question_ops=tuple(got["question_ops"]),
+            ocr=got["ocr"],
+            max_new_tokens=got["max_new_tokens"],
+            stop=tuple(got["stop"]),
+        )
+        assert generation_settings(bench, protocol) == {
+            "max_new_tokens": got["max_new_tokens"],
+            "do_sample": raw["do_sample"],
+            "stop": got["stop"],
+        }
 
 
-@pytest.mark.parametrize("config", ["gqa", "vqav2", "textvqa", "pope", "mme"])
-def test_benchmark_yaml_matches_code(config: str) -> None:
-    cfg = yaml.safe_load((CONFIG_DIR / "benchmark" / f"{config}.yaml").read_text())
-    name = cfg["name"]
-    assert cfg["_target_"].endswith(BENCHMARK_CLASSES[name].__name__)
-    assert cfg["prompt_template"] == PROMPT_TEMPLATES[name]
-    assert cfg["revision"] == "main" and isinstance(cfg["version"], int)
-    for protocol in PROTOCOLS:
-        assert tuple(cfg["metrics"][protocol]) == DEFAULT_METRICS[name][protocol]
-        assert tuple(cfg["answer_pipeline"][protocol]) == AGREEMENT_PIPELINES[name][protocol]
+@pytest.mark.parametrize(
+    "config", sorted(p.stem for p in (CONFIG_DIR / "benchmark").glob("[!_]*.yaml"))
+)
+def test_benchmark_spec_loads_from_yaml(config: str) -> None:
+    raw = raw_yaml("benchmark", config)
+    spec = benchmark_spec(config)
+    assert raw["_target_"].endswith(BENCHMARK_CLASSES[spec.name].__name__)
+    assert (spec.name, spec.prompt_template, spec.version) == (
+        raw["name"],
+        raw["prompt_template"],
+        raw["version"],
+    )
+    assert raw["revision"] == "main"
+    assert spec.submission == raw.get("submission")
+    assert spec.submission is None or spec.submission in SUBMISSION_WRITERS
+    for protocol in protocol_names():
+        assert spec.scoring.metrics_for(protocol) == tuple(raw["metrics"][protocol])
+        assert spec.scoring.pipeline_for(protocol) == tuple(raw["answer_pipeline"][protocol])
+        assert spec.scoring.primary_for(protocol) == raw["primary"][protocol]
+        assert all(m in METRICS for m in spec.scoring.metrics_for(protocol))
+        assert all(step in NORMALIZERS for step in spec.scoring.pipeline_for(protocol))
 
 
 def test_hydra_composes_and_instantiates(data_root: Path) -> None:
@@ -264,7 +287,7 @@ def test_hydra_composes_and_instantiates(data_root: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SPLITS))
-@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+@pytest.mark.parametrize("protocol", protocol_names())
 def test_end_to_end_gold_predictions_score_perfectly(name, protocol, data_root: Path) -> None:
     samples = list(make(name, data_root / "clean"))
     majority = {s.sample_id: max(set(s.answers), key=s.answers.count) for s in samples}

@@ -14,7 +14,7 @@ from recomp_eval.metrics.bootstrap import _bootstrap, _prepare, _resolve, _stati
 from recomp_eval.metrics.gqa import gqa_accuracy
 from recomp_eval.metrics.loyalty import BOOTSTRAP_CHUNK
 from recomp_eval.metrics.mme import COGNITION, PERCEPTION
-from recomp_eval.metrics.scoring import DEFAULT_METRICS, score
+from recomp_eval.metrics.scoring import metrics_for, score
 from recomp_eval.metrics.vqa import vqa_accuracy
 
 Rows = list[dict]
@@ -180,7 +180,7 @@ ORACLE_CASES: list[tuple[str, str, Callable[[], Rows], list[str], bool]] = [
 @pytest.mark.parametrize(("benchmark", "protocol", "make", "keys", "exact"), ORACLE_CASES)
 def test_statistic_equals_score_on_resampled_rows(benchmark, protocol, make, keys, exact) -> None:
     rows = make()
-    names = DEFAULT_METRICS[benchmark][protocol]
+    names = metrics_for(benchmark, protocol)
     full = score(benchmark, rows, protocol)
     rng = np.random.default_rng(7)
     for key in keys:
@@ -241,7 +241,7 @@ def test_end_to_end_matches_loop_over_resampled_rows() -> None:
         ("pope", "lmms_eval", pope_rows(25, seed=6, p_odd=0.3), "pope/f1_lmms_eval"),
         ("mme", "llava15", mme_rows(0.05, seed=7), "mme/perception_mme_tool"),
     ]:
-        prepared = _prepare(*_resolve(benchmark, key, DEFAULT_METRICS[benchmark][protocol]), rows)
+        prepared = _prepare(*_resolve(benchmark, key, metrics_for(benchmark, protocol)), rows)
         sizes = [len(units) for units in prepared.members]
         rng = np.random.default_rng(11)
         stats = []
@@ -406,7 +406,7 @@ def test_speed_full_size() -> None:
         start = time.perf_counter()
         metric_ci(benchmark, protocol, rows, key, n_boot=1000)
         total = time.perf_counter() - start
-        prepared = _prepare(*_resolve(benchmark, key, DEFAULT_METRICS[benchmark][protocol]), rows)
+        prepared = _prepare(*_resolve(benchmark, key, metrics_for(benchmark, protocol)), rows)
         start = time.perf_counter()
         _bootstrap(prepared, 1000, 0)
         resampling = time.perf_counter() - start

@@ -143,7 +143,7 @@ def test_unknown_group_through_the_cli_is_one_line(tmp_path: Path) -> None:
 
 
 def tiny_copy(dest: Path) -> Path:
-    from recomp_eval.models.tiny import build_tiny
+    from recomp_eval.models.llava.tiny import build_tiny
 
     shutil.copytree(build_tiny(), dest)
     return dest
@@ -221,7 +221,7 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(data_dir: Path, tmp_path: P
 def test_template_without_the_image_part_stops_before_any_vision_work(
     data_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import recomp_eval.pipeline as pipeline
+    from recomp_eval.models.llava.adapter import LlavaAdapter
 
     folder = tiny_copy(tmp_path / "ckpt")
     for name in ("chat_template.jinja", "chat_template.json"):
@@ -230,7 +230,7 @@ def test_template_without_the_image_part_stops_before_any_vision_work(
     (folder / "chat_template.jinja").write_text(
         "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
     )
-    monkeypatch.setattr(pipeline, "tower_pass", lambda *a, **k: pytest.fail("vision work ran"))
+    monkeypatch.setattr(LlavaAdapter, "tower_pass", lambda *a, **k: pytest.fail("vision work ran"))
     status = run_cli(data_dir, tmp_path / "out", f"model.id={folder}", "protocol=lmms_eval")
     line = one_error_line(capsys, status)
     assert "protocol=lmms_eval renders 0 '<image>' placeholders" in line
@@ -240,9 +240,9 @@ def test_template_without_the_image_part_stops_before_any_vision_work(
 def test_fastv_deeper_than_the_llm_stops_before_any_vision_work(
     data_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import recomp_eval.pipeline as pipeline
+    from recomp_eval.models.llava.adapter import LlavaAdapter
 
-    monkeypatch.setattr(pipeline, "tower_pass", lambda *a, **k: pytest.fail("vision work ran"))
+    monkeypatch.setattr(LlavaAdapter, "tower_pass", lambda *a, **k: pytest.fail("vision work ran"))
     status = run_cli(data_dir, tmp_path, "method=fastv", "method.k_layer=3")  # tiny LLM: 3 layers
     line = one_error_line(capsys, status)
     assert "k_layer=3 is at or beyond the LLM's depth (3 decoder layers)" in line

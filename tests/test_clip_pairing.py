@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from recomp_eval.models.loader import (
+from recomp_eval.models.llava.loader import (
     PAIRING_RTOL,
     clip_pairing_check,
     load_clip_text,
     load_llava,
     pairing_tensor_names,
 )
-from recomp_eval.models.tiny import TinySpec, build_tiny
+from recomp_eval.models.llava.tiny import TinySpec, build_tiny
 
-LOGGER = "recomp_eval.models.loader"
+LOGGER = "recomp_eval.models.llava.loader"
 
 
 @pytest.fixture(scope="module")

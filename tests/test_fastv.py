@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from recomp_eval.inject.llm_attention import llm_pruning
-from recomp_eval.llm_methods.fastv import FastVConfig, kept_count
 from recomp_eval.methods import budget_from_ratio, build_method
+from recomp_eval.methods.fastv import FastVConfig, kept_count
 
 VOCAB = 64
 IMAGE_ID = VOCAB - 1

@@ -458,7 +458,7 @@ def test_changed_gold_answers_change_data_digest(data_dir: Path) -> None:
 
 
 def test_tiny_checkpoint_quick_fingerprint() -> None:
-    from recomp_eval.models.tiny import build_tiny
+    from recomp_eval.models.llava.tiny import build_tiny
 
     folder = build_tiny()
     start = time.perf_counter()

@@ -44,3 +44,29 @@ def test_vit_flops_clip_l336() -> None:
     # protocol.md: one CLIP ViT-L/14-336 pass is about 191 GMAC
     assert vit_flops(cfg) / 2 / 1e9 == pytest.approx(191, abs=1.5)
     assert vit_flops(cfg, passes=2) == 2 * vit_flops(cfg)
+
+
+def test_flops_summary_fastv_per_layer_counts() -> None:
+    """FastV through its visual_counts: N image tokens before layer K, round(N (1 - R)) after."""
+    from recomp_eval.efficiency.flops import flops_summary
+    from recomp_eval.methods import build_method
+    from recomp_eval.models.base import ModelShapes
+
+    text = SimpleNamespace(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2
+    )
+    vision = SimpleNamespace(
+        image_size=56, patch_size=14, hidden_size=8, intermediate_size=16, num_hidden_layers=2
+    )
+    shape = DecoderShape.from_config(text)
+    shapes = ModelShapes(patches=16, grid=(4, 4), decoder=shape, vision_flops=vit_flops(vision),
+                         context_length=64)  # fmt: skip
+    method = build_method("fastv", k_layer=3, ratio=0.75)
+    rows = [{"text_tokens": 5, "kept_tokens": 1.0, "n_image_tokens": 20}, {"text_tokens": 3}]
+    hand = [[5 + 20] * 3 + [5 + 5], [3 + 16] * 3 + [3 + 4]]  # 16 patches: shapes.patches
+    got = flops_summary(shapes, method, rows)
+    assert got["vision_tflops"] == vit_flops(vision) / 1e12
+    expect = (prefill_flops(hand[0], shape) + prefill_flops(hand[1], shape)) / 2 / 1e12
+    assert got["prefill_tflops"] == pytest.approx(expect, rel=1e-12)
+    assert method.llm.visual_counts(20, 4) == (20, 20, 20, 5)
+    assert method.llm.visual_counts(20, 2) == (20, 20)  # k_layer beyond the depth: nothing pruned

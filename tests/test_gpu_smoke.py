@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from recomp_eval.methods import build_method
-from recomp_eval.models.tiny import load_tiny
+from recomp_eval.models.llava.tiny import load_tiny
 from recomp_eval.pipeline import generate
 
 pytestmark = pytest.mark.gpu

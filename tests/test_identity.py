@@ -113,7 +113,7 @@ def test_method_and_runs_share_one_folder(data_root: Path, tmp_path: Path, bundl
 
 
 def _copy_tiny(dest: Path) -> Path:
-    from recomp_eval.models.tiny import build_tiny
+    from recomp_eval.models.llava.tiny import build_tiny
 
     shutil.copytree(build_tiny(), dest)
     return dest

@@ -14,19 +14,19 @@ import transformers
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, CLIPImageProcessorPil
 
-from recomp_eval.models.images import (
+from recomp_eval.benchmarks.specs import protocol_names
+from recomp_eval.models.llava.images import (
     PINNED_IMAGE_PROCESSOR,
-    PROTOCOL_IMAGE_MODE,
     check_pinnable,
     image_processor_family,
     preprocess_images,
 )
-from recomp_eval.models.loader import load_image_processor, load_llava
-from recomp_eval.models.tiny import build_tiny
+from recomp_eval.models.llava.loader import load_image_processor, load_llava
+from recomp_eval.models.llava.tiny import build_tiny
 
 # Byte copy of llava-hf/llava-1.5-7b-hf's preprocessor_config.json (= shared/checkpoints' file).
 REAL = Path(__file__).parent / "data" / "checkpoints" / "llava-1.5-7b-hf"
-PROTOCOLS = sorted(PROTOCOL_IMAGE_MODE)
+PROTOCOLS = protocol_names()
 SIZES = ((640, 480), (480, 640), (336, 336), (90, 120), (1000, 250))  # (width, height)
 
 

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from recomp_eval.inject.context import compress
-from recomp_eval.inject.llava_hf import expand_image_tokens
 from recomp_eval.methods import METHODS, BuiltMethod, SignalSpec, build_method
 from recomp_eval.methods.base import Role, selection_output
-from recomp_eval.models.tiny import load_tiny
+from recomp_eval.models.llava.adapter import expand_image_tokens
+from recomp_eval.models.llava.tiny import load_tiny
 from recomp_eval.pipeline import generate, prepare_batch
 
 QUESTIONS = ["What is in the image?", "How many people are there?", "Is there a dog?", "yes or no"]

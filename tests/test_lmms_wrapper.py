@@ -36,13 +36,12 @@ from omegaconf import OmegaConf
 from recomp_eval.benchmarks.prompts import SHORT_ANSWER, generation_settings, user_prompt
 from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.evaluate import build_benchmark, evaluate, load_model
-from recomp_eval.inject.llava_hf import expand_image_tokens
 from recomp_eval.methods import build_method
 from recomp_eval.metrics import score
-from recomp_eval.models.conversation import render_prompt
+from recomp_eval.models.llava.adapter import expand_image_tokens
+from recomp_eval.models.llava.conversation import render_prompt
 from recomp_eval.pipeline import generate, prepare_batch
 from recomp_eval.runner import SampleStore
-from recomp_eval.summary import num_patches
 from recomp_eval.synth.schemas import GQA_IMAGE_CONFIG
 from recomp_eval.synth.writers import write_benchmark
 
@@ -276,7 +275,7 @@ def test_embedded_template_is_llava_hfs() -> None:
 def our_inputs(bundle, image, text: str) -> tuple[str, list[int], torch.Tensor]:
     """Our rendered prompt, the ids fed to ``generate`` with no compression, and the pixels."""
     batch = prepare_batch(bundle, [image], [text], "lmms_eval")
-    n = num_patches(bundle.model.config)
+    n = bundle.adapter.shapes(bundle).patches
     ids, _ = expand_image_tokens(
         batch.prompt_ids, [n], bundle.image_token_id, bundle.tokenizer.pad_token_id
     )

@@ -13,16 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from recomp_eval.models.conversation import VICUNA_V1_SYSTEM, render_prompt
-from recomp_eval.models.images import expand_to_square, mean_colour, preprocess_images
-from recomp_eval.models.loader import (
+from recomp_eval.benchmarks.specs import protocol_spec
+from recomp_eval.models.llava.conversation import render_prompt
+from recomp_eval.models.llava.images import expand_to_square, mean_colour, preprocess_images
+from recomp_eval.models.llava.loader import (
     BadCheckpointError,
     ModelUnavailableError,
     check_checkpoint_folder,
     load_clip_text,
     load_llava,
 )
-from recomp_eval.models.tiny import TinySpec, build_tiny
+from recomp_eval.models.llava.tiny import TinySpec, build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def test_nested_relative_path_is_a_missing_folder_not_a_hub_id(tmp_path, monkeyp
 
 def test_load_errors_past_the_checks_are_one_line(folder, tmp_path, monkeypatch):
     """What the up-front checks miss is still one line, without hub advice, for local folders."""
-    from recomp_eval.models import loader
+    from recomp_eval.models.llava import loader
 
     monkeypatch.setattr(loader, "check_checkpoint_folder", lambda *a, **k: None)
     ckpt = _copy(folder, tmp_path)
@@ -238,7 +239,8 @@ def test_loading_prints_no_shard_or_load_reports(folder, tmp_path, capsys):
 
 def test_prompts(bundle):
     p = render_prompt("llava15", "What is it?", bundle.tokenizer, bundle.processor)
-    assert p == f"{VICUNA_V1_SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"
+    system = protocol_spec("llava15").system_prompt
+    assert p == f"{system} USER: <image>\nWhat is it? ASSISTANT:"
     q = render_prompt("lmms_eval", "What is it?", bundle.tokenizer, bundle.processor)
     assert q == "USER: <image>\nWhat is it? ASSISTANT:"
     ids = bundle.tokenizer(q)["input_ids"]

@@ -30,9 +30,12 @@ from recomp_eval.metrics import (
     submission_entries,
     textvqa_accuracy,
     vqa_accuracy,
+    write_configured_submission,
     write_vqav2_submission,
 )
 from recomp_eval.metrics.normalize import vqa_normalize
+from recomp_eval.metrics.registry import MetricSpec, Registry, register_metric
+from recomp_eval.metrics.scoring import builtin_metrics, register_builtin_metrics
 
 
 @pytest.mark.parametrize(
@@ -331,3 +334,84 @@ def test_submission_entries_and_file(tmp_path) -> None:
         submission_entries(recs, all_question_ids=[3])
     with pytest.raises(ValueError, match="duplicate"):
         submission_entries(recs + recs)
+
+
+def test_metrics_are_registered_on_first_use_not_at_import() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import recomp_eval.metrics as m, recomp_eval.metrics.bootstrap\n"
+        "import recomp_eval.benchmarks.prompts, recomp_eval.report.tables\n"
+        "assert not m.METRICS.loaded and not m.NORMALIZERS.loaded\n"
+        "assert m.METRICS.get('pope_llava').variant == 'llava' and m.METRICS.loaded\n"
+        "assert not m.NORMALIZERS.loaded and 'strip' in m.NORMALIZERS\n"
+        "print(len(m.METRICS))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == len(builtin_metrics()) == 8
+
+
+def test_explicit_registration_into_a_registry() -> None:
+    registry: Registry[MetricSpec] = Registry("metric", register_builtin_metrics)
+    assert not registry.loaded
+    assert "gqa_exact_match_llava" in registry and registry.loaded
+    assert list(registry) == sorted(spec.name for spec in builtin_metrics())
+    extra = MetricSpec("my_metric", lambda rs: {"accuracy": 1.0}, "mine", lambda p, r: 1.0)
+    register_metric(extra, registry)
+    assert registry.get("my_metric") is extra
+    with pytest.raises(KeyError, match="already registered"):  # built-ins first, then collide
+        register_metric(builtin_metrics()[0], Registry("metric", register_builtin_metrics))
+    manual: Registry[MetricSpec] = Registry("metric")
+    register_builtin_metrics(manual)
+    assert list(manual) == sorted(spec.name for spec in builtin_metrics())
+
+
+def runner_rows(split: str) -> list[dict]:
+    """Per-sample rows as the runner writes them (samples.jsonl), for a test split."""
+    return [
+        {
+            "sample_id": str(qid),
+            "question": "How many?",
+            "answers": [],
+            "meta": {"split": split, "question_id": qid, "image_id": 9},
+            "prediction": prediction,
+            "kept_tokens": 576,
+            "text_tokens": 12,
+            "new_tokens": 2,
+            "timings_ms": {"prefill": 1.0},
+            "batch_size": 2,
+            "warmup": False,
+            "keep_map": None,
+            "prompt": None,
+        }
+        for qid, prediction in ((11, "Two."), (4, "Yes"))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config", "name"), [("vqav2_testdev", "vqav2"), ("textvqa_test", "textvqa")]
+)
+def test_write_configured_submission(config: str, name: str, tmp_path) -> None:
+    from recomp_eval.benchmarks.specs import load_config
+
+    bench_cfg = load_config("benchmark", config)
+    assert bench_cfg["submission"] == name
+    path = write_configured_submission(bench_cfg, runner_rows(bench_cfg["split"]), tmp_path)
+    assert path == tmp_path / f"submission_{name}.json"
+    assert json.loads(path.read_text()) == [
+        {"question_id": 4, "answer": "yes"},
+        {"question_id": 11, "answer": "2"},
+    ]
+    full = write_configured_submission(bench_cfg, runner_rows("test"), tmp_path, [4, 5, 11])
+    assert [e["question_id"] for e in json.loads(full.read_text())] == [4, 5, 11]
+
+
+def test_configured_submission_absent_or_unknown(tmp_path) -> None:
+    from recomp_eval.benchmarks.specs import load_config
+
+    assert write_configured_submission(load_config("benchmark", "gqa"), [], tmp_path) is None
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(KeyError, match=r"unknown submission 'vqa2' \(did you mean 'vqav2'\?\)"):
+        write_configured_submission({"name": "vqav2", "submission": "vqa2"}, [], tmp_path)

@@ -26,10 +26,10 @@ from real_layout import (
     hub_name,
 )
 
-from recomp_eval.inject.llava_hf import expand_image_tokens
 from recomp_eval.methods import METHODS, build_method
-from recomp_eval.models.conversation import PromptTemplateError
-from recomp_eval.models.loader import load_clip_text, load_llava
+from recomp_eval.models.llava.adapter import expand_image_tokens
+from recomp_eval.models.llava.conversation import PromptTemplateError
+from recomp_eval.models.llava.loader import load_clip_text, load_llava
 from recomp_eval.pipeline import generate, prepare_batch
 from recomp_eval.signals.text import encode_texts, select_texts
 
@@ -296,8 +296,8 @@ def test_bad_template_fails_before_any_vision_work(folder, tmp_path, monkeypatch
     def vision_work(*_args, **_kwargs):
         raise AssertionError("vision work ran before the template check")
 
-    monkeypatch.setattr("recomp_eval.pipeline.preprocess_images", vision_work)
-    monkeypatch.setattr("recomp_eval.pipeline.tower_pass", vision_work)
+    monkeypatch.setattr("recomp_eval.models.llava.adapter.LlavaAdapter.preprocess", vision_work)
+    monkeypatch.setattr("recomp_eval.models.llava.adapter.LlavaAdapter.tower_pass", vision_work)
     hook = b.model.model.vision_tower.register_forward_pre_hook(vision_work)
     try:
         with pytest.raises(PromptTemplateError) as info:
@@ -433,15 +433,15 @@ def test_rc_official_text_signal_with_real_clip_tokenizer(folder, bundle, images
     hook = clip.model.register_forward_pre_hook(
         lambda _m, _a, kw: seen_ids.append(kw["input_ids"].clone()), with_kwargs=True
     )
-    import recomp_eval.pipeline as pipeline
+    import recomp_eval.models.llava.adapter as adapter
 
-    real_add = pipeline.add_text_signal
+    real_add = adapter.add_text_signal
 
     def spy(tower_out, text_embeds, projection):
         seen_embeds.append(text_embeds.clone())
         return real_add(tower_out, text_embeds, projection)
 
-    monkeypatch.setattr(pipeline, "add_text_signal", spy)
+    monkeypatch.setattr(adapter, "add_text_signal", spy)
     try:
         res = generate(bundle, method, images, QUESTIONS, QUESTIONS, "llava15", ["a", "b"], 1)
     finally:

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from recomp_eval.inject.context import compress
-from recomp_eval.inject.llava_hf import run_tower
 from recomp_eval.methods import BuiltMethod, SignalSpec, TextSpec
 from recomp_eval.methods.identity import compress as identity
-from recomp_eval.models.conversation import render_prompt
-from recomp_eval.models.loader import load_clip_text
-from recomp_eval.models.tiny import load_tiny
+from recomp_eval.models.llava.adapter import run_tower
+from recomp_eval.models.llava.conversation import render_prompt
+from recomp_eval.models.llava.loader import load_clip_text
+from recomp_eval.models.llava.tiny import load_tiny
 from recomp_eval.pipeline import generate, prepare_batch
 from recomp_eval.signals.text import encode_texts, first_line
 from recomp_eval.signals.vision import joint_space_similarity, resolve_layer, sample_seeds

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import scripts_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "synth-llava"
@@ -17,12 +17,10 @@ EVERY_METHOD = ("none", "recomp", "prumerge", "prumerge_plus", "visionzip", "fas
                 "random", "pool")  # fmt: skip
 QUESTION = "What color is the triangle?"
 
-sys.path.insert(0, str(ROOT / "scripts"))
-
 
 @pytest.fixture(scope="module")
 def bundle():
-    from recomp_eval.models.loader import load_llava
+    from recomp_eval.models.llava.loader import load_llava
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     return load_llava(str(MODEL), dtype="float32")
@@ -45,7 +43,7 @@ def test_loads_offline_with_harness_shapes(bundle):
     ids = bundle.tokenizer("USER: <image>\nWhat color?")["input_ids"]
     assert ids.count(bundle.image_token_id) == 1
     assert bundle.clip_text_id.endswith("clip")
-    from recomp_eval.models.loader import load_clip_text
+    from recomp_eval.models.llava.loader import load_clip_text
 
     clip = load_clip_text(bundle.clip_text_id, dtype="float32")
     assert clip.visual_projection.in_features == vision.hidden_size
@@ -77,7 +75,12 @@ def test_every_method_runs(bundle, name):
 
 
 def test_quality_gates_on_fixed_subset():
-    from check_synth_model import ATTRIBUTE_GATE, POPE_F1_GATE, run_gates
+    gates = scripts_module("check_synth_model")
+    ATTRIBUTE_GATE, POPE_F1_GATE, run_gates = (
+        gates.ATTRIBUTE_GATE,
+        gates.POPE_F1_GATE,
+        gates.run_gates,
+    )
 
     torch.manual_seed(0)
     result = run_gates(str(MODEL), GATE_ATTR, GATE_POPE)

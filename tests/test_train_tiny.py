@@ -4,19 +4,15 @@ attention mass (against eager attention weights), and a tiny end-to-end run with
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import scripts_module
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from recomp_eval.synth import scenes as S
 
-import train_tiny as T  # noqa: E402
-import train_tiny_llava as L  # noqa: E402
-
-from recomp_eval.synth import scenes as S  # noqa: E402
+T = scripts_module("train_tiny")
+L = scripts_module("train_tiny_llava")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +104,7 @@ TINY = [
 
 
 def test_tiny_training_run_writes_a_loadable_model_and_resumes(tmp_path, capsys):
-    from recomp_eval.models.loader import load_clip_text, load_llava
+    from recomp_eval.models.llava.loader import load_clip_text, load_llava
 
     work, out = tmp_path / "work", tmp_path / "model"
     T.main([*TINY, "--work", str(work), "--out", str(out)])

@@ -1,4 +1,6 @@
-"""Benchmarks: lazy loaders for GQA, VQAv2, TextVQA, POPE and MME, prompts per protocol."""
+"""Benchmarks: lazy loaders for GQA, VQAv2, TextVQA, POPE and MME, prompts per protocol, and the
+typed specs (:mod:`recomp_eval.benchmarks.specs`) that ``configs/protocol`` and
+``configs/benchmark`` are read into."""
 
 from recomp_eval.benchmarks.base import BadSample, Benchmark, HubBenchmark, Sample
 from recomp_eval.benchmarks.gqa import GQABenchmark

@@ -76,8 +76,10 @@ class HubBenchmark:
     ones, an int takes a seeded random subset in dataset order), ``filters`` (column -> allowed
     values, e.g. POPE ``category``), ``max_image_pixels`` (larger images are skipped),
     ``check_images`` (decode while iterating to screen bad records). ``prompt_template``,
-    ``metrics``, ``answer_pipeline`` (per protocol), ``submission`` (EvalAI writer for test
-    splits) and ``version`` are declarative and read by the runner and the prompt code.
+    ``metrics``, ``answer_pipeline``, ``primary`` (per protocol), ``submission`` (EvalAI writer
+    for test splits) and ``version`` are declarative: :mod:`recomp_eval.benchmarks.specs` reads
+    them into a :class:`~recomp_eval.benchmarks.specs.BenchmarkSpec` for the prompt, scoring and
+    loyalty code.
     """
 
     name: str = ""
@@ -100,6 +102,7 @@ class HubBenchmark:
         prompt_template: str = "{question}{suffix}",
         metrics: Mapping[str, Sequence[str]] | None = None,
         answer_pipeline: Mapping[str, Sequence[str]] | None = None,
+        primary: Mapping[str, str] | None = None,
         submission: str | None = None,
         version: int = 0,
         name: str | None = None,
@@ -116,6 +119,7 @@ class HubBenchmark:
         self.prompt_template = prompt_template
         self.metrics = {k: list(v) for k, v in (metrics or {}).items()}
         self.answer_pipeline = {k: list(v) for k, v in (answer_pipeline or {}).items()}
+        self.primary = dict(primary or {})
         self.submission = submission
         self.version = version
         self.bad: list[BadSample] = []

@@ -86,35 +86,33 @@ def vit_flops(vision_config: Any, passes: int = 1) -> int:
     return passes * prefill_flops(n, shape, "fastv")
 
 
-def flops_summary(config: Any, method: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean analytic prefill TFLOPs per sample from the counts the LLM saw, and ViT TFLOPs.
+def flops_summary(shapes: Any, method: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean analytic prefill TFLOPs per sample from the counts the LLM saw, and vision TFLOPs.
 
-    ``config``: the LLaVA config (``text_config`` and ``vision_config`` give the sizes).
+    ``shapes``: the family's :class:`~recomp_eval.models.base.ModelShapes` (decoder sizes,
+    patches per image, one tower pass). ``method.llm`` (an
+    :class:`~recomp_eval.llm_methods.base.LLMPruner`, or None) gives the per-layer image-token
+    counts through ``visual_counts(num_image, num_layers)``; the tower passes a method costs
+    come from :func:`recomp_eval.inject.tower_policy.vision_flops`.
     """
-    shape = DecoderShape.from_config(config.text_config)
+    from recomp_eval.inject.tower_policy import vision_flops
+
+    shape = shapes.decoder
     per_sample = {"swiglu": [], "fastv": []}
     llm = method.llm
     for r in rows:
         text = int(r["text_tokens"])
-        if llm is not None:
-            from recomp_eval.llm_methods.fastv import kept_count
-
-            n_img = round(
-                r.get("n_image_tokens")
-                or (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-            )
-            keep = kept_count(n_img, llm)
-            k = min(llm.k_layer, shape.layers)
-            counts = [text + n_img] * k + [text + keep] * (shape.layers - k)
+        if llm is not None:  # an in-LLM method says how many image tokens each layer sees
+            n_img = round(r.get("n_image_tokens") or shapes.patches)
+            counts = [text + n for n in llm.visual_counts(n_img, shape.layers)]
         else:
             counts = text + round(float(r["kept_tokens"]))
         for formula in per_sample:
             per_sample[formula].append(prefill_flops(counts, shape, formula) / 1e12)  # type: ignore[arg-type]
-    vit = vit_flops(config.vision_config, passes=method.spec.vit_passes) / 1e12
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     return {
         "prefill_tflops": mean(per_sample["swiglu"]),
         "prefill_tflops_fastv_formula": mean(per_sample["fastv"]),
-        "vision_tflops": vit,
+        "vision_tflops": vision_flops(shapes, method.spec) / 1e12,
         "formula": "swiglu: 2*(4nd^2 + 2n^2d + 3ndm) per layer (GQA-aware QKVO); fastv: 2ndm FFN",
     }

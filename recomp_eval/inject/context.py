@@ -1,10 +1,12 @@
 """``with compress(model, method) as probe:``: everything a method needs, on this model only.
 
-Entering registers the vision q/k hooks the method's :class:`SignalSpec` asks for and, for in-LLM
-methods (``method.llm`` set, e.g. FastV), the LLM pruning of
-:func:`recomp_eval.inject.llm_attention.llm_pruning`. Leaving removes every hook and restores the
-attention implementation, also on error. Nothing is stored on modules or in module globals: the
-captures live in the yielded :class:`CompressionProbe`.
+Entering registers the vision q/k hooks the method's :class:`SignalSpec` asks for, at the hook
+points the model family's adapter names, and, for in-LLM methods (``method.llm`` set, e.g.
+FastV), the LLM pruning of :func:`recomp_eval.inject.llm_attention.llm_pruning`. Leaving removes
+every hook and restores the attention implementation, also on error. Nothing is stored on
+modules or in module globals: the captures live in the yielded :class:`CompressionProbe`.
+The code knows no family: the adapter comes from the bundle, or from the registry by the
+model's config.
 """
 
 from __future__ import annotations
@@ -29,18 +31,6 @@ class CompressionProbe:
     llm: Any = None
 
 
-def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The CLIP tower of a ``LlavaForConditionalGeneration`` (transformers 5.x layout)."""
-    inner = getattr(model, "model", None)
-    tower = getattr(inner, "vision_tower", None)
-    if tower is None:
-        raise RuntimeError(
-            f"{type(model).__name__} has no model.vision_tower; expected a transformers 5.x "
-            f"LlavaForConditionalGeneration"
-        )
-    return tower
-
-
 def hook_layers(spec: Any, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Resolved (q_layers, k_layers) a :class:`SignalSpec` needs hooked."""
     q_layers: set[int] = set()
@@ -54,36 +44,28 @@ def hook_layers(spec: Any, num_layers: int) -> tuple[tuple[int, ...], tuple[int,
     return tuple(sorted(q_layers)), tuple(sorted(k_layers))
 
 
-def _llm_pruning(model: torch.nn.Module, llm_cfg: Any, image_token_id: int):
-    try:
-        from recomp_eval.inject.llm_attention import llm_pruning
-    except ImportError as err:
-        raise NotImplementedError(
-            f"in-LLM pruning ({type(llm_cfg).__name__}) needs recomp_eval.inject.llm_attention, "
-            f"which is not available: {err}"
-        ) from err
-    return llm_pruning(model, llm_cfg, image_token_id)
-
-
 @contextmanager
 def compress(
-    model: torch.nn.Module, method: Any, image_token_id: int | None = None
+    model: torch.nn.Module, method: Any, image_token_id: int | None = None, adapter: Any = None
 ) -> Iterator[CompressionProbe]:
     """Install what ``method`` needs on ``model`` for the duration of the block.
 
     Args:
-        model: a ``LlavaForConditionalGeneration``.
+        model: a loaded vision-language model of a registered family.
         method: a :class:`~recomp_eval.methods.BuiltMethod`.
         image_token_id: the image placeholder id (default ``model.config.image_token_id``).
+        adapter: the family adapter (default: the registry's adapter for the model's config).
     """
-    tower = vision_tower(model)
-    num_layers = tower.config.num_hidden_layers
-    q_layers, k_layers = hook_layers(method.spec, num_layers)
+    from recomp_eval.inject.llm_attention import llm_pruning
+    from recomp_eval.models import adapter_for_model
+
+    points = (adapter or adapter_for_model(model)).hook_points(model)
+    q_layers, k_layers = hook_layers(method.spec, points.num_layers)
     if image_token_id is None:
         image_token_id = int(model.config.image_token_id)
     with ExitStack() as stack:
-        vision = stack.enter_context(capture_qk(tower, q_layers, k_layers))
+        vision = stack.enter_context(capture_qk(points.tower, q_layers, k_layers, points.attention))
         llm = None
         if method.llm is not None:
-            llm = stack.enter_context(_llm_pruning(model, method.llm, image_token_id))
+            llm = stack.enter_context(llm_pruning(model, method.llm, image_token_id))
         yield CompressionProbe(vision=vision, q_layers=q_layers, k_layers=k_layers, llm=llm)

@@ -1,22 +1,34 @@
-"""In-LLM visual-token pruning (FastV) through a registered attention function, no eager attention.
+"""In-LLM visual-token pruning, any method, through a registered attention function (no eager).
 
-``with llm_pruning(model, cfg, image_token_id) as probe:`` registers, for this block only, an
-attention function and a mask function under a fresh project-specific name and switches only the
-text model to it. Inside:
+``with llm_pruning(model, pruner, image_token_id) as probe:`` registers, for this block only, an
+attention function and a mask function under a fresh name (``recomp_<pruner.name>_<id>``) and
+switches only the text model to it. The mechanics below are family- and method-agnostic; the
+method (an :class:`~recomp_eval.llm_methods.base.LLMPruner`, e.g. FastV) only scores and selects.
+For each prefill forward:
 
-* prefill, layer ``K-1``: the attention function scores key positions from post-RoPE q/k
-  (:mod:`recomp_eval.llm_methods.fastv`, O(H L) memory for ``last_query``) and stores a keep mask;
-* ``mask`` variant, layers >= K: the keep mask is ANDed into the attention mask (dropped columns
-  hidden from every other row; a dropped row still sees itself), extended with ones in decode;
-* ``prune`` variant, layers >= K: decoder-layer pre-hooks gather hidden states (at K), RoPE
-  ``(cos, sin)`` (original positions kept), ``position_ids`` and mask rows/columns; in decode only
-  the mask columns. The KV cache of layers >= K then holds the pruned prefix (``DynamicCache``).
+* the attention function of every ``Stage.attention_layer`` keeps its post-RoPE q/k/v, mask and
+  scale (references, no copies) until the stage runs;
+* at the input of each ``Stage.prune_layer`` a decoder-layer pre-hook builds a
+  :class:`~recomp_eval.llm_methods.base.PruneView` of the current rows, calls
+  ``pruner.scores`` then ``pruner.select``, checks the selection (image rows only, the same count
+  in every sample) and composes it with the earlier stages;
+* ``mask`` variant, from that layer on: the attention function ANDs the kept rows into the
+  attention mask (dropped columns hidden from every other row; a dropped row still sees itself),
+  extended with ones in decode;
+* ``prune`` variant, from that layer on: the pre-hooks gather hidden states (at the stage's
+  layer), RoPE ``(cos, sin)``, ``position_ids`` and mask rows/columns; in decode only the mask
+  columns. The KV cache of those layers then holds the pruned prefix (``DynamicCache``).
+* positions: ``original`` keeps each kept row's RoPE position; ``renumber`` gives the kept rows
+  contiguous positions and shifts decode positions by the dropped count (RoPE recomputed with the
+  stack's ``rotary_emb``).
 
 Per-call state lives in a ``ContextVar`` keyed by the registered name; hooks and registrations are
 removed and the previous attention implementation restored in ``finally``. The prune variant
 returns hidden states/logits for the kept positions only (the last position is always text).
+The pure mask and index algebra is in :mod:`recomp_eval.inject.llm_masks`; the interface and
+its stage checks (:func:`check_depth`, re-exported here) in :mod:`recomp_eval.llm_methods.base`.
 
-Letters: ``B`` batch, ``L`` prefill length, ``L'`` kept length, ``E`` LLM width, ``d`` head width.
+Letters: ``B`` batch, ``Lp`` prefill length, ``L'`` kept length, ``E`` LLM width, ``d`` head width.
 """
 
 from __future__ import annotations
@@ -32,19 +44,23 @@ from typing import Any
 
 import torch
 
-from recomp_eval.llm_methods.fastv import (
-    FastVConfig,
-    keep_index,
-    last_query_scores,
-    mean_query_scores,
-    select_keep,
+from recomp_eval.inject import llm_masks as mx
+from recomp_eval.llm_methods.base import (
+    AttentionInputs,
+    LLMPruner,
+    PruneView,
+    Stage,
+    check_depth,
+    check_pruner,
 )
+
+__all__ = ["PruningProbe", "check_depth", "llm_pruning"]
 
 # Registered name -> state of the active block. Holds no tensors outside a ``with`` block.
 _STATES: ContextVar[Mapping[str, _State]] = ContextVar(
     "recomp_llm_pruning_states", default=MappingProxyType({})
 )
-_NAME_PREFIX = "recomp_fastv_"  # must not contain "sdpa"/"flash"/"flex" (transformers dispatch)
+_NAME_PREFIX = "recomp_"  # + pruner.name + "_" + id
 _SUPPORTED_BASE = ("sdpa", "eager")  # attention is always computed with the stock sdpa function
 
 
@@ -53,11 +69,12 @@ class PruningProbe:
     """What happened during the block; one entry per prefill forward.
 
     ``visual_counts[i]``: [num_layers, B] int64 visual tokens at each decoder layer's input.
-    ``image_masks[i]`` / ``keep_masks[i]``: [B,L] bool image positions / kept positions.
+    ``image_masks[i]`` / ``keep_masks[i]``: [B,Lp] bool image positions / positions kept after
+    the last stage.
     """
 
     num_layers: int
-    cfg: FastVConfig
+    pruner: LLMPruner
     visual_counts: list[torch.Tensor] = field(default_factory=list)
     image_masks: list[torch.Tensor] = field(default_factory=list)
     keep_masks: list[torch.Tensor] = field(default_factory=list)
@@ -75,80 +92,55 @@ class PruningProbe:
         return self.per_layer_counts.double().mean(dim=0)
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """The rows in force after some stages of one prefill."""
+
+    stage: int  # the last stage that ran
+    layer: int  # decoder layer at whose input ``step`` gathers the hidden states
+    keep: torch.Tensor  # [B,Lp] bool prompt rows kept
+    rows: torch.Tensor | None  # [B,L'] int64 kept prompt rows; None while nothing is dropped
+    step: torch.Tensor | None  # [B,L'] int64 index into the previous stage's rows
+    dropped: int  # Lp - L'
+
+    @property
+    def changed(self) -> bool:
+        return self.rows is not None
+
+
 @dataclass
 class _State:
     """Per-block mutable state, reached from the attention function through ``_STATES``."""
 
-    cfg: FastVConfig
+    pruner: LLMPruner
     image_token_id: int
     num_layers: int
     probe: PruningProbe
-    pending_ids: torch.Tensor | None = None  # [B,L] input_ids of the current top-level call
-    image_mask: torch.Tensor | None = None  # [B,L] bool, set at prefill
-    keep: torch.Tensor | None = None  # [B,L] bool, None while nothing is dropped
-    index: torch.Tensor | None = None  # [B,L'] int64 kept positions
+    norm: Any  # the stack's final norm or None
+    rotary: Any  # the stack's rotary embedding or None
+    stages: tuple[Stage, ...]
+    stage_at: dict[int, int]  # prune layer -> stage index
+    attention_layers: frozenset[int]
+    pending_ids: torch.Tensor | None = None  # [B,Lp] input_ids of the current top-level call
+    image_mask: torch.Tensor | None = None  # [B,Lp] bool, set at prefill
     prefilling: bool = False
+    active: _Selection | None = None  # in force at the layer being run (prefill)
+    layer_sel: list[_Selection | None] = field(default_factory=list)  # per layer, for decode
+    captures: dict[int, AttentionInputs] = field(default_factory=dict)  # attention layer -> q/k/v
     counts: list[torch.Tensor] = field(default_factory=list)  # per layer [B]
-    step: dict[str, Any] = field(default_factory=dict)  # per-forward derived tensors
+    step: dict[Any, Any] = field(default_factory=dict)  # per-forward derived tensors
 
     @property
     def prefill_len(self) -> int:
         return self.image_mask.shape[1]
 
+    @property
+    def prune(self) -> bool:
+        return self.pruner.variant == "prune"
 
-def causal_allowed(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """[1,1,q,kv] bool causal mask; query i sits at key position ``i + kv - q``."""
-    rows = torch.arange(q_len, device=device) + (kv_len - q_len)  # [q]
-    return (torch.arange(kv_len, device=device)[None, :] <= rows[:, None])[None, None]
-
-
-def masked_keep(
-    mask: torch.Tensor | None, keep: torch.Tensor, q_len: int, kv_len: int
-) -> torch.Tensor:
-    """AND the keep mask into an attention mask (mask variant); a dropped row still sees itself.
-
-    Args:
-        mask: [B|1,1,q,kv] bool (True = attend) or None (plain causal).
-        keep: [B,L] bool over the prefill positions; decode columns past ``L`` are kept.
-    Returns:
-        [B,1,q,kv] bool.
-    """
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"expected a bool sdpa mask, got {mask.dtype}")
-    b, seq = keep.shape
-    base = causal_allowed(q_len, kv_len, keep.device) if mask is None else mask  # [B|1,1,q,kv]
-    cols = torch.ones(b, kv_len, dtype=torch.bool, device=keep.device)  # [B,kv]
-    cols[:, :seq] = keep
-    rows = torch.arange(q_len, device=keep.device) + (kv_len - q_len)  # [q]
-    self_col = torch.arange(kv_len, device=keep.device)[None, :] == rows[:, None]  # [q,kv]
-    return base & (cols[:, None, None, :] | self_col[None, None])  # [B,1,q,kv]
-
-
-def gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather positions along dim 1: x [B|1,L,...], index [B,L'] -> [B,L',...]."""
-    b, kept = index.shape
-    x = x.expand(b, *x.shape[1:])  # [B,L,...]
-    idx = index.view(b, kept, *([1] * (x.dim() - 2))).expand(b, kept, *x.shape[2:])  # [B,L',...]
-    return x.gather(1, idx)  # [B,L',...]
-
-
-def gather_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows and columns of a prefill mask: [B|1,1,L,L] -> [B,1,L',L']."""
-    b, kept = index.shape
-    mask = mask.expand(b, *mask.shape[1:])  # [B,1,L,L]
-    rows = mask.gather(2, index[:, None, :, None].expand(b, 1, kept, mask.shape[3]))  # [B,1,L',L]
-    return rows.gather(3, index[:, None, None, :].expand(b, 1, kept, kept))  # [B,1,L',L']
-
-
-def gather_cols(mask: torch.Tensor, index: torch.Tensor, prefill_len: int) -> torch.Tensor:
-    """Decode mask columns: kept prefix + every decoded position. [B|1,1,q,kv] -> [B,1,q,L'+kv-L]."""
-    b, _ = index.shape
-    q_len, kv_len = mask.shape[2], mask.shape[3]
-    new = torch.arange(prefill_len, kv_len, device=index.device).expand(b, -1)  # [B,kv-L]
-    cols = torch.cat([index, new], dim=1)  # [B,L'+kv-L]
-    mask = mask.expand(b, *mask.shape[1:])  # [B,1,q,kv]
-    index4 = cols[:, None, None, :].expand(b, 1, q_len, cols.shape[1])  # [B,1,q,L'+kv-L]
-    return mask.gather(3, index4)  # [B,1,q,L'+kv-L]
+    @property
+    def renumber(self) -> bool:
+        return self.pruner.positions == "renumber"
 
 
 def _state(name: str) -> _State:
@@ -161,40 +153,29 @@ def _state(name: str) -> _State:
     return state
 
 
-def _attention(module, query, key, value, attention_mask, *, name: str, **kwargs):
-    """Stock sdpa attention plus FastV scoring (layer K-1) and masking (mask variant, >= K)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    state = _state(name)
-    cfg, layer = state.cfg, module.layer_idx
-    if state.prefilling and layer == cfg.k_layer - 1:
-        scale = kwargs.get("scaling") or module.scaling
-        if cfg.score == "last_query":
-            scores = last_query_scores(query, key, attention_mask, scale)  # [B,L]
-        else:
-            scores = mean_query_scores(query, key, attention_mask, scale)  # [B,L]
-        _set_keep(state, select_keep(scores, state.image_mask, cfg))
-    if cfg.variant == "mask" and state.keep is not None and layer >= cfg.k_layer:
-        attention_mask = _cached(
-            state,
-            ("mask", id(attention_mask)),
-            lambda: masked_keep(attention_mask, state.keep, query.shape[2], key.shape[2]),
-        )
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _set_keep(state: _State, keep: torch.Tensor) -> None:
-    state.probe.keep_masks.append(keep.detach())
-    if bool(keep.all()):
-        return  # nothing dropped (R = 0): leave the model exactly as it was
-    state.keep = keep
-    state.index = keep_index(keep)  # [B,L']
-
-
 def _cached(state: _State, key: Any, make) -> Any:
     if key not in state.step:
         state.step[key] = make()
     return state.step[key]
+
+
+def _attention(module, query, key, value, attention_mask, *, name: str, **kwargs):
+    """Stock sdpa attention plus the stage captures (prefill) and the mask variant's masking."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = _state(name)
+    layer = module.layer_idx
+    sel = state.layer_sel[layer]
+    if not state.prune and sel is not None and sel.changed:
+        attention_mask = _cached(
+            state,
+            ("mask", sel.stage, id(attention_mask)),
+            lambda: mx.masked_keep(attention_mask, sel.keep, query.shape[2], key.shape[2]),
+        )
+    if state.prefilling and layer in state.attention_layers:
+        scale = kwargs.get("scaling") or module.scaling
+        state.captures[layer] = AttentionInputs(query, key, value, attention_mask, scale)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _capture_ids(state: _State, module, args, kwargs) -> None:
@@ -219,8 +200,9 @@ def _text_model_pre_hook(state: _State, module, args, kwargs) -> None:
                 f"image positions (got {None if ids is None else list(ids.shape)}); call the "
                 f"model with input_ids"
             )
-        state.image_mask = ids == state.image_token_id  # [B,L]
-        state.keep, state.index, state.counts = None, None, []
+        state.image_mask = ids == state.image_token_id  # [B,Lp]
+        state.active, state.counts, state.captures = None, [], {}
+        state.layer_sel = [None] * state.num_layers
         state.prefilling = True
         state.probe.image_masks.append(state.image_mask)
         return
@@ -230,48 +212,154 @@ def _text_model_pre_hook(state: _State, module, args, kwargs) -> None:
 
 
 def _layer_pre_hook(state: _State, layer: int, module, args, kwargs):
-    """Log the visual count (prefill) and, for the prune variant, shrink the layer's inputs."""
-    cfg = state.cfg
+    """Run a stage at its layer, log the visual count (prefill), shrink the layer's inputs."""
     if state.prefilling:
-        visible = state.image_mask if layer < cfg.k_layer or state.keep is None else state.keep
+        stage = state.stage_at.get(layer)
+        if stage is not None:
+            _run_stage(state, stage, layer, module, args, kwargs)
+        sel = state.layer_sel[layer] = state.active
+        visible = state.image_mask if sel is None or not sel.changed else sel.keep
         state.counts.append((state.image_mask & visible).sum(dim=1))  # [B]
         if layer == state.num_layers - 1:
             state.probe.visual_counts.append(torch.stack(state.counts).detach())  # [layers,B]
-    if cfg.variant != "prune" or state.keep is None or layer < cfg.k_layer:
+            if sel is not None:
+                state.probe.keep_masks.append(sel.keep.detach())
+    else:
+        sel = state.layer_sel[layer]
+    if sel is None or not sel.changed or not (state.prune or state.renumber):
         return None
     kwargs = dict(kwargs)
-    mask = kwargs.get("attention_mask")
     if not state.prefilling:
-        if mask is not None:
-            kwargs["attention_mask"] = _cached(
-                state, "decode_mask", lambda: gather_cols(mask, state.index, state.prefill_len)
-            )
+        kwargs.update(
+            _cached(state, ("decode", sel.stage), lambda: _decode_shared(state, sel, kwargs))
+        )
         return args, kwargs
-    index = state.index
-    pruned = _cached(state, "prefill", lambda: _prune_shared(kwargs, index))
-    kwargs.update(pruned)
-    hidden = args[0] if args else kwargs["hidden_states"]
-    if hidden.shape[1] == state.prefill_len:
-        hidden = gather_seq(hidden, index)  # [B,L',E]
-    if args:
-        args = (hidden, *args[1:])
-    else:
-        kwargs["hidden_states"] = hidden
+    kwargs.update(
+        _cached(state, ("prefill", sel.stage), lambda: _prefill_shared(state, sel, kwargs))
+    )
+    if state.prune and layer == sel.layer:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = mx.gather_seq(hidden, sel.step)  # [B,L',E]
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
     return args, kwargs
 
 
-def _prune_shared(kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    """Gather the per-forward tensors every layer >= K shares: RoPE, position ids, mask."""
+def _prefill_shared(state: _State, sel: _Selection, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The per-forward tensors every layer of the selection shares: RoPE, position ids, mask."""
     out: dict[str, Any] = {}
+    if state.prune:
+        index = mx.position_index(sel.rows, state.renumber)  # [B,L']
+    else:  # mask variant, renumbered: the length stays, each kept row reads its new position
+        index = mx.renumber_index(sel.keep)  # [B,Lp]
     if kwargs.get("position_embeddings") is not None:
         out["position_embeddings"] = tuple(
-            gather_seq(t, index) for t in kwargs["position_embeddings"]
+            mx.gather_seq(t, index) for t in kwargs["position_embeddings"]
         )  # cos, sin: [B,L',d]
     if kwargs.get("position_ids") is not None:
-        out["position_ids"] = gather_seq(kwargs["position_ids"], index)  # [B,L']
-    if kwargs.get("attention_mask") is not None:
-        out["attention_mask"] = gather_mask(kwargs["attention_mask"], index)  # [B,1,L',L']
+        out["position_ids"] = mx.gather_seq(kwargs["position_ids"], index)  # [B,L']
+    if state.prune and kwargs.get("attention_mask") is not None:
+        out["attention_mask"] = mx.gather_mask(kwargs["attention_mask"], sel.rows)  # [B,1,L',L']
     return out
+
+
+def _decode_shared(state: _State, sel: _Selection, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Decode: kept mask columns (prune); positions shifted by the dropped count (renumber)."""
+    out: dict[str, Any] = {}
+    mask = kwargs.get("attention_mask")
+    if state.prune and mask is not None:
+        out["attention_mask"] = mx.gather_cols(mask, sel.rows, state.prefill_len)  # [B,1,q,L'+t]
+    if state.renumber:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            raise ValueError("llm_pruning with renumbered positions needs position_ids in decode")
+        shifted = position_ids - sel.dropped  # [B|1,q]
+        like = kwargs["position_embeddings"][0]  # dtype/device reference for the new tables
+        out["position_ids"] = shifted
+        out["position_embeddings"] = state.rotary(like, shifted)  # cos, sin: [B|1,q,d]
+    return out
+
+
+def _run_stage(state: _State, stage: int, layer: int, module, args, kwargs) -> None:
+    """Score and select at the input of ``layer``; compose with the earlier stages."""
+    pruner, prev = state.pruner, state.active
+    view = _view(state, stage, layer, module, args, kwargs, prev)
+    scores = pruner.scores(stage, view)
+    keep = pruner.select(stage, scores, view)  # [B,L] over the current rows
+    if tuple(keep.shape) != tuple(view.image_mask.shape) or keep.dtype != torch.bool:
+        raise ValueError(
+            f"in-LLM method '{pruner.name}' stage {stage} returned a {keep.dtype} "
+            f"{list(keep.shape)} selection; expected bool {list(view.image_mask.shape)}"
+        )
+    kept = keep.sum(dim=1)  # [B]
+    text_dropped, unequal, everything = torch.stack(
+        [(~keep & ~view.image_mask).any(), (kept != kept[0]).any(), keep.all()]
+    ).tolist()  # one host sync
+    if text_dropped:
+        raise ValueError(
+            f"in-LLM method '{pruner.name}' stage {stage} dropped non-image rows; a selection may "
+            f"drop image rows only"
+        )
+    if unequal:
+        raise ValueError(
+            f"in-LLM method '{pruner.name}' stage {stage} kept {kept.tolist()} rows per sample; "
+            f"a batch needs the same count in every sample"
+        )
+    state.captures.pop(state.stages[stage].attention_layer, None)
+    if everything:  # nothing dropped here: leave the model exactly as it was
+        if prev is None:
+            state.active = _Selection(stage, layer, keep, None, None, 0)
+        return
+    step = mx.keep_index(keep)  # [B,L']
+    rows = mx.compose_rows(None if prev is None else prev.rows, keep)  # [B,L']
+    full = mx.rows_mask(rows, state.prefill_len)  # [B,Lp]
+    state.active = _Selection(stage, layer, full, rows, step, state.prefill_len - rows.shape[1])
+
+
+def _view(state: _State, stage: int, layer: int, module, args, kwargs, prev) -> PruneView:
+    """The current rows as the layer receives them before this stage's selection."""
+    hidden = args[0] if args else kwargs["hidden_states"]  # [B,L|Lp,E]
+    b = state.image_mask.shape[0]
+    current = None if prev is None or not prev.changed else prev.rows  # [B,L]
+    position_embeddings = kwargs.get("position_embeddings")
+    if current is not None and (state.prune or state.renumber):
+        shared = _cached(
+            state, ("prefill", prev.stage), lambda: _prefill_shared(state, prev, kwargs)
+        )
+        position_embeddings = shared.get("position_embeddings")
+    attention = state.captures.get(state.stages[stage].attention_layer)
+    if current is None:
+        rows = mx.all_rows(b, state.prefill_len, state.image_mask.device)  # [B,Lp]
+        image = state.image_mask
+    else:
+        rows = current
+        image = state.image_mask.gather(1, current)  # [B,L]
+        if not state.prune:  # mask variant: every prompt row is still there; show the kept ones
+            hidden = mx.gather_seq(hidden, current)  # [B,L,E]
+            if position_embeddings is not None:
+                position_embeddings = tuple(mx.gather_seq(t, current) for t in position_embeddings)
+            if attention is not None:
+                attention = AttentionInputs(
+                    mx.gather_heads(attention.query, current),  # [B,H,L,d]
+                    mx.gather_heads(attention.key, current),  # [B,Hkv,L,d]
+                    mx.gather_heads(attention.value, current),  # [B,Hkv,L,d]
+                    None if attention.mask is None else mx.gather_mask(attention.mask, current),
+                    attention.scaling,
+                )
+    return PruneView(
+        stage=stage,
+        layer=layer,
+        image_mask=image,
+        rows=rows,
+        prompt_images=state.image_mask.sum(dim=1),  # [B]
+        hidden=hidden,
+        attention=attention,
+        position_embeddings=position_embeddings,
+        norm=state.norm,
+        module=module,
+    )
 
 
 def _text_model(model: torch.nn.Module) -> tuple[torch.nn.Module, str | None]:
@@ -294,31 +382,23 @@ def _set_impl(model: torch.nn.Module, key: str | None, impl: str) -> None:
     model.set_attn_implementation(impl if key is None else {key: impl})
 
 
-def check_depth(cfg: FastVConfig, num_layers: int) -> None:
-    """``k_layer`` must leave at least one decoder layer to run on the pruned sequence."""
-    if cfg.k_layer >= num_layers:
-        raise ValueError(
-            f"FastV k_layer={cfg.k_layer} is at or beyond the LLM's depth ({num_layers} decoder "
-            f"layers), so nothing would be pruned; use method.k_layer between 1 and "
-            f"{num_layers - 1}"
-        )
-
-
 @contextmanager
 def llm_pruning(
-    model: torch.nn.Module, cfg: FastVConfig, image_token_id: int
+    model: torch.nn.Module, cfg: LLMPruner, image_token_id: int
 ) -> Iterator[PruningProbe]:
-    """Apply FastV inside ``model``'s LLM for the duration of the block; yields a probe.
+    """Apply an in-LLM pruning method inside ``model``'s LLM for the block; yields a probe.
 
     Args:
         model: ``LlavaForConditionalGeneration`` (or a causal LM whose prompt holds image tokens).
-        cfg: FastV settings; nothing dropped (ratio 0) = vanilla outputs; ``cfg.k_layer`` at or
-            beyond the decoder depth is an error (it would silently prune nothing).
+        cfg: the method (``BuiltMethod.llm``, e.g. a FastV config); a selection that keeps every
+            row leaves the outputs exactly vanilla; stages that do not fit the decoder depth are
+            an error (they would silently prune nothing).
         image_token_id: id of the image placeholder in ``input_ids`` (``config.image_token_id``).
     """
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    check_pruner(cfg)
     text_model, key = _text_model(model)
     layers = list(text_model.layers)
     check_depth(cfg, len(layers))
@@ -331,12 +411,33 @@ def llm_pruning(
     for i, layer in enumerate(layers):
         if getattr(getattr(layer, "self_attn", None), "layer_idx", i) != i:
             raise ValueError(f"decoder layer {i} has self_attn.layer_idx != {i}")
-    probe = PruningProbe(num_layers=len(layers), cfg=cfg)
-    state = _State(cfg=cfg, image_token_id=image_token_id, num_layers=len(layers), probe=probe)
-    name = f"{_NAME_PREFIX}{uuid.uuid4().hex[:12]}"
+    rotary = getattr(text_model, "rotary_emb", None)
+    if cfg.positions == "renumber" and rotary is None:
+        raise NotImplementedError(
+            f"renumbered positions need the decoder's rotary_emb; {type(text_model).__name__} "
+            f"has none"
+        )
+    stages = tuple(cfg.stages)
+    probe = PruningProbe(num_layers=len(layers), pruner=cfg)
+    state = _State(
+        pruner=cfg,
+        image_token_id=image_token_id,
+        num_layers=len(layers),
+        probe=probe,
+        norm=getattr(text_model, "norm", None),
+        rotary=rotary,
+        stages=stages,
+        stage_at={s.prune_layer: i for i, s in enumerate(stages)},
+        attention_layers=frozenset(s.attention_layer for s in stages) - {None},
+    )
+    name = f"{_NAME_PREFIX}{cfg.name}_{uuid.uuid4().hex[:12]}"
     token = _STATES.set(MappingProxyType({**_STATES.get(), name: state}))
     handles = []
-    AttentionInterface.register(name, partial(_attention, name=name))
+    # Attention: an entry of the shared interface instance, removable through its public mapping
+    # API (``del``). Mask: transformers looks mask functions up in the class-wide mapping only
+    # (masking_utils checks ``ALL_MASK_ATTENTION_FUNCTIONS._global_mapping``), which the public
+    # ``register`` fills and nothing public empties: popping our own key is the minimum.
+    ALL_ATTENTION_FUNCTIONS[name] = partial(_attention, name=name)
     AttentionMaskInterface.register(name, sdpa_mask)
     try:
         _set_impl(model, key, name)
@@ -359,6 +460,6 @@ def llm_pruning(
         for handle in handles:
             handle.remove()
         _set_impl(model, key, previous)
-        AttentionInterface._global_mapping.pop(name, None)
+        del ALL_ATTENTION_FUNCTIONS[name]
         AttentionMaskInterface._global_mapping.pop(name, None)
         _STATES.reset(token)

@@ -1,23 +1,37 @@
-"""Pure scoring rules for in-LLM visual-token pruning (no transformers import).
+"""The contract of in-LLM visual-token pruning methods (no transformers import).
 
-The model glue (registered attention function, decoder-layer pre-hooks) lives in
-:mod:`recomp_eval.inject.llm_attention`; these modules only decide which image positions survive.
+:mod:`recomp_eval.llm_methods.base` defines :class:`LLMPruner`, the interface a method implements
+(FastV: :class:`recomp_eval.methods.fastv.FastVConfig`); the model mechanics (registered attention
+function, decoder-layer pre-hooks) live in :mod:`recomp_eval.inject.llm_attention` and work for
+every implementation.
 """
 
-from recomp_eval.llm_methods.fastv import (
-    FastVConfig,
-    keep_index,
-    kept_count,
-    last_query_scores,
-    mean_query_scores,
-    select_keep,
+from recomp_eval.llm_methods.base import (
+    POSITION_POLICIES,
+    VARIANTS,
+    AttentionInputs,
+    LLMPruner,
+    PositionPolicy,
+    PruneView,
+    Stage,
+    Variant,
+    check_depth,
+    check_pruner,
+    layer_counts,
+    topk_keep,
 )
 
 __all__ = [
-    "FastVConfig",
-    "keep_index",
-    "kept_count",
-    "last_query_scores",
-    "mean_query_scores",
-    "select_keep",
+    "POSITION_POLICIES",
+    "VARIANTS",
+    "AttentionInputs",
+    "LLMPruner",
+    "PositionPolicy",
+    "PruneView",
+    "Stage",
+    "Variant",
+    "check_depth",
+    "check_pruner",
+    "layer_counts",
+    "topk_keep",
 ]

@@ -11,7 +11,9 @@ transformers.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Literal
@@ -217,6 +219,22 @@ def check_retention(retention: float | None) -> None:
             f"retention={retention} is outside (0, 1]; use e.g. retention=0.1 for 10% of the "
             f"visual tokens, or retention=null for the method's adaptive budget"
         )
+
+
+def check_options(method: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """Raise a one-line ``ValueError`` when ``given`` (option names, e.g. a ``**options`` dict)
+    holds names outside ``valid``; the message names the method, suggests the closest valid
+    name and lists the valid ones."""
+    valid = list(valid)
+    unknown = sorted(set(given) - set(valid))
+    if not unknown:
+        return
+    close = [m[0] for u in unknown if (m := difflib.get_close_matches(u, valid, n=1))]
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise ValueError(
+        f"unknown options {unknown} for method '{method}'{hint}; valid options: "
+        f"{valid if valid else 'none'}"
+    )
 
 
 def budget_from_ratio(retention: float, num_tokens: int) -> int:

@@ -17,6 +17,7 @@ from recomp_eval.methods.base import (
     SignalSpec,
     VisionSignals,
     budget_from_ratio,
+    check_options,
     check_retention,
     selection_output,
 )
@@ -58,10 +59,7 @@ def build(name: str = "fastervlm", retention: float | None = None, **options: An
     """Build FasterVLM; ``retention`` None means the default 0.1 (58 tokens at N = 576)."""
     from recomp_eval.methods import BuiltMethod
 
-    if options:
-        raise ValueError(
-            f"unknown options {sorted(options)} for method 'fastervlm'; valid: ['retention']"
-        )
+    check_options(name, options, ("retention",))
     check_retention(retention)
     cfg = FasterVLMConfig(retention=DEFAULT_RETENTION if retention is None else retention)
     return BuiltMethod(name=name, spec=SPEC, fn=lambda s: compress(s, cfg), config=asdict(cfg))

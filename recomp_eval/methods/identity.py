@@ -6,7 +6,14 @@ from typing import Any
 
 import torch
 
-from recomp_eval.methods.base import Compressed, Role, SignalSpec, VisionSignals, selection_output
+from recomp_eval.methods.base import (
+    Compressed,
+    Role,
+    SignalSpec,
+    VisionSignals,
+    check_options,
+    selection_output,
+)
 
 
 def compress(signals: VisionSignals) -> Compressed:
@@ -25,8 +32,7 @@ def compress(signals: VisionSignals) -> Compressed:
 def build(name: str = "none", retention: float | None = None, **kwargs: Any):
     from recomp_eval.methods import BuiltMethod
 
-    if kwargs:
-        raise ValueError(f"method 'none' takes no options, got {sorted(kwargs)}")
+    check_options(name, kwargs, ())
     if retention not in (None, 1, 1.0):
         raise ValueError(
             f"method 'none' keeps every token; retention={retention} is not meaningful "

@@ -28,6 +28,7 @@ from recomp_eval.methods.base import (
     SignalSpec,
     VisionSignals,
     budget_from_ratio,
+    check_options,
     check_retention,
 )
 
@@ -135,10 +136,7 @@ def build(name: str = "pool", retention: float | None = None, **options: Any):
     (avg | strided), ``max_aspect`` (retention grids only)."""
     from recomp_eval.methods import BuiltMethod
 
-    valid = ("stride", "mode", "max_aspect")
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown options {unknown} for method 'pool'; valid: {list(valid)}")
+    check_options(name, options, ("stride", "mode", "max_aspect"))
     check_retention(retention)
     stride = options.get("stride")
     if retention is not None and stride is not None:

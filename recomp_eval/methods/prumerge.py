@@ -43,6 +43,7 @@ from recomp_eval.methods.base import (
     SignalSpec,
     VisionSignals,
     budget_from_ratio,
+    check_options,
     check_retention,
     selection_output,
 )
@@ -204,10 +205,7 @@ def build(name: str = "prumerge", retention: float | None = None, **options: Any
 
     if name not in NAMES:
         raise ValueError(f"prumerge.build handles {NAMES}, got '{name}'")
-    valid = ("n_neighbors", "fallback_ratio")
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown options {unknown} for method '{name}'; valid: {list(valid)}")
+    check_options(name, options, ("n_neighbors", "fallback_ratio"))
     check_retention(retention)
     cfg = PruMergeConfig(plus=name == "prumerge_plus", retention=retention, **options)
     if cfg.n_neighbors < 1:

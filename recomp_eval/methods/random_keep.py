@@ -21,6 +21,7 @@ from recomp_eval.methods.base import (
     SignalSpec,
     VisionSignals,
     budget_from_ratio,
+    check_options,
     check_retention,
     selection_output,
 )
@@ -98,9 +99,7 @@ def build(name: str = "random", retention: float | None = None, **options: Any):
     """Build the random baseline. Options: ``seed`` (int, default 0)."""
     from recomp_eval.methods import BuiltMethod
 
-    unknown = sorted(set(options) - {"seed"})
-    if unknown:
-        raise ValueError(f"unknown options {unknown} for method 'random'; valid: ['seed']")
+    check_options(name, options, ("seed",))
     check_retention(retention)
     seed = options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -41,6 +41,7 @@ from recomp_eval.methods.base import (
     TextSpec,
     VisionSignals,
     budget_from_ratio,
+    check_options,
     check_retention,
     selection_output,
 )
@@ -134,10 +135,7 @@ def make_config(variant: str = "paper", retention: float | None = None, **switch
     switches = {k: v for k, v in switches.items() if v is not None}
     if variant not in PRESETS:
         raise ValueError(f"unknown RC variant {variant!r}; choose from {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(RCConfig)}
-    unknown = sorted(set(switches) - fields)
-    if unknown:
-        raise ValueError(f"unknown RC options {unknown}; valid options: {sorted(fields)}")
+    check_options("recomp", switches, sorted(f.name for f in dataclasses.fields(RCConfig)))
     values = {**PRESETS[variant], **switches}
     if "lof_k" in values:
         values["lof_k"] = tuple(int(k) for k in values["lof_k"])

@@ -32,6 +32,7 @@ from recomp_eval.methods.base import (
     SignalSpec,
     VisionSignals,
     budget_from_ratio,
+    check_options,
     check_retention,
     gather_rows,
     selection_output,
@@ -169,10 +170,7 @@ def build(name: str = "visionzip", retention: float | None = None, **options: An
     ``retention`` (with ``contextual_share``); giving both forms raises."""
     from recomp_eval.methods import BuiltMethod
 
-    valid = ("dominant", "contextual", "contextual_share")
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown options {unknown} for method 'visionzip'; valid: {list(valid)}")
+    check_options(name, options, ("dominant", "contextual", "contextual_share"))
     check_retention(retention)
     d, c = options.get("dominant"), options.get("contextual")
     share = options.get("contextual_share", CONTEXTUAL_SHARE)

@@ -33,10 +33,10 @@ from recomp_eval.metrics.mme import COGNITION, PERCENT, PERCEPTION
 from recomp_eval.metrics.normalize import parse_pope_llava, parse_pope_strict
 from recomp_eval.metrics.registry import METRICS, MetricSpec, Record
 from recomp_eval.metrics.scoring import (
-    DEFAULT_METRICS,
     _answer,
     _has_answers,
     _meta,
+    metrics_for,
     prediction_of,
     score,
 )
@@ -291,7 +291,7 @@ def metric_ci(
     if n_boot < 1 or not 0.0 < confidence < 1.0:
         raise ValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot}, {confidence}")
     out = score(benchmark, rows, protocol, metrics)
-    names = tuple(metrics) if metrics is not None else DEFAULT_METRICS[benchmark][protocol]
+    names = metrics_for(benchmark, protocol, metrics)
     scored = [r for r in rows if _has_answers(r)]
     nan = float("nan")
     if key not in out:

@@ -2,14 +2,14 @@
 
 Given per-sample records of both runs (same benchmark, protocol and samples), report:
 
-* ``agreement``: share of samples whose answers are equal after the benchmark's answer pipeline
-  (so ``"Yes."`` and ``"yes"`` agree on POPE);
+* ``agreement``: share of samples whose answers are equal after the benchmark config's
+  ``answer_pipeline`` (so ``"Yes."`` and ``"yes"`` agree on POPE);
 * ``correct_to_wrong`` / ``wrong_to_correct``: flip rates. With per-sample scores ``s_ref`` and
   ``s_cmp`` in [0, 1] these are ``mean(max(0, s_ref - s_cmp))`` and ``mean(max(0, s_cmp - s_ref))``:
   exactly the flip rates for 0/1 scores and the natural extension for VQA soft accuracy, with
   ``wrong_to_correct - correct_to_wrong == accuracy_diff``;
-* ``accuracy_diff`` (compressed minus reference, per-question accuracy of the protocol's primary
-  metric) with a paired percentile bootstrap confidence interval.
+* ``accuracy_diff`` (compressed minus reference, per-question accuracy of the first metric the
+  benchmark config names for the protocol) with a paired percentile bootstrap confidence interval.
 """
 
 from __future__ import annotations
@@ -18,20 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from recomp_eval.metrics.registry import Record, apply_pipeline
-from recomp_eval.metrics.scoring import prediction_of, primary_metric
+from recomp_eval.benchmarks.specs import scoring_spec
+from recomp_eval.metrics.registry import METRICS, Record, apply_pipeline
+from recomp_eval.metrics.scoring import metrics_for, prediction_of
 
-# Canonical answer used for agreement, per benchmark and protocol.
-AGREEMENT_PIPELINES: dict[str, dict[str, tuple[str, ...]]] = {
-    "gqa": {"llava15": ("strip", "gqa_llava"), "lmms_eval": ("strip", "gqa_lmms_eval")},
-    "vqav2": {
-        "llava15": ("strip", "vqa_lmms_eval_073"),
-        "lmms_eval": ("strip", "vqa_lmms_eval_073"),
-    },
-    "textvqa": {"llava15": ("strip", "evalai"), "lmms_eval": ("strip", "evalai")},
-    "pope": {"llava15": ("strip", "pope_llava"), "lmms_eval": ("strip", "pope_strict")},
-    "mme": {"llava15": ("strip", "mme_tool"), "lmms_eval": ("strip", "mme_lmms_eval")},
-}
 BOOTSTRAP_CHUNK = 64  # resamples drawn per vectorised step (bounds memory at chunk x n)
 
 
@@ -68,8 +58,17 @@ def loyalty_metrics(
     n_boot: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    *,
+    answer_pipeline: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Loyalty of ``compressed`` to ``reference`` (records paired by ``sample_id``).
+
+    Args:
+        answer_pipeline: the benchmark config's ``answer_pipeline`` for ``protocol``; None reads
+            ``configs/benchmark/<benchmark>.yaml``.
+        metrics: the benchmark config's ``metrics`` for ``protocol`` (the first one scores each
+            answer); None reads the YAML, as :func:`~recomp_eval.metrics.scoring.score` does.
 
     Returns keys ``{benchmark}/loyalty/{agreement, correct_to_wrong, wrong_to_correct,
     accuracy_diff, accuracy_diff_low, accuracy_diff_high, n_paired, n_unpaired}``. Samples
@@ -80,11 +79,15 @@ def loyalty_metrics(
         (c, ref_by_id[str(c["sample_id"])]) for c in compressed if str(c["sample_id"]) in ref_by_id
     ]
     n_unpaired = len(compressed) + len(ref_by_id) - 2 * len(pairs)
-    steps = AGREEMENT_PIPELINES[benchmark][protocol]
-    per_sample = primary_metric(benchmark, protocol).per_sample
+    steps = scoring_spec(benchmark).pipeline_for(protocol)
+    steps = steps if answer_pipeline is None else tuple(answer_pipeline)
+    names = metrics_for(benchmark, protocol, metrics)
+    if pairs and not names:
+        raise ValueError(f"{benchmark}: loyalty needs a metric to score answers; metrics is empty")
+    per_sample = METRICS.get(names[0]).per_sample if names else None
 
-    s_cmp = np.array([per_sample(prediction_of(c), c) for c, _ in pairs], dtype=np.float64)
-    s_ref = np.array([per_sample(prediction_of(r), r) for _, r in pairs], dtype=np.float64)
+    s_cmp = np.array([per_sample(prediction_of(c), c) for c, _ in pairs], dtype=np.float64)  # [n]
+    s_ref = np.array([per_sample(prediction_of(r), r) for _, r in pairs], dtype=np.float64)  # [n]
     agree = np.array(
         [
             apply_pipeline(prediction_of(c), steps) == apply_pipeline(prediction_of(r), steps)

@@ -4,14 +4,18 @@ Both servers take a JSON list of ``{"question_id": int, "answer": str}``. Answer
 EvalAI processor first (LLaVA's ``convert_vqav2_for_submission`` and lmms-eval's
 ``textvqa_process_results`` do the same). The VQAv2 server scores test-dev from a file covering
 the whole ``test`` split: pass ``all_question_ids`` to fill questions without a prediction with an
-empty answer, as LLaVA does.
+empty answer, as LLaVA does. :func:`write_configured_submission` writes the file that a benchmark
+config's ``submission:`` names (``vqav2_testdev.yaml``, ``textvqa_test.yaml``) next to a run's
+results.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from recomp_eval.metrics.normalize import evalai_normalize
@@ -67,6 +71,46 @@ def write_vqav2_submission(path, records, all_question_ids=None) -> Path:
     return write_submission(path, records, all_question_ids)
 
 
-def write_textvqa_submission(path, records) -> Path:
+def write_textvqa_submission(path, records, all_question_ids=None) -> Path:
     """TextVQA test submission (EvalAI challenge format)."""
-    return write_submission(path, records)
+    return write_submission(path, records, all_question_ids)
+
+
+# ``submission:`` of a benchmark config -> its writer ``(path, records, all_question_ids)``.
+SUBMISSION_WRITERS: Mapping[str, Callable[..., Path]] = MappingProxyType(
+    {"vqav2": write_vqav2_submission, "textvqa": write_textvqa_submission}
+)
+SUBMISSION_FILE = "submission_{name}.json"  # in the run folder, next to results.json
+
+
+def write_configured_submission(
+    bench_cfg: Mapping[str, Any],
+    rows: Iterable[Mapping[str, Any]],
+    out_dir: str | Path,
+    all_question_ids: Sequence[int] | None = None,
+) -> Path | None:
+    """Write the EvalAI file that the benchmark config's ``submission:`` names, if any.
+
+    Args:
+        bench_cfg: the (composed) benchmark config; ``submission`` is ``vqav2``, ``textvqa`` or
+            absent/null (nothing is written).
+        rows: the run's per-sample rows (``prediction``, ``meta["question_id"]``).
+        out_dir: the run folder; the file is ``submission_<name>.json`` there.
+        all_question_ids: every question id the server expects (VQAv2: the whole ``test``
+            split); ids without a row answer ``""``. None: the rows' questions only.
+
+    Returns:
+        The path written, or None when the config names no submission.
+    """
+    name = bench_cfg.get("submission")
+    if name is None:
+        return None
+    if name not in SUBMISSION_WRITERS:
+        close = difflib.get_close_matches(str(name), SUBMISSION_WRITERS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise KeyError(
+            f"unknown submission '{name}'{hint} in benchmark '{bench_cfg.get('name')}'; known: "
+            f"{', '.join(SUBMISSION_WRITERS)}"
+        )
+    path = Path(out_dir) / SUBMISSION_FILE.format(name=name)
+    return SUBMISSION_WRITERS[name](path, rows, all_question_ids)

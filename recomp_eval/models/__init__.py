@@ -1,0 +1,95 @@
+"""Model families: a lazy registry of adapters, and ``load_model`` from a ``model`` config.
+
+A family is a package ``recomp_eval/models/<family>/`` with a
+:class:`~recomp_eval.models.base.ModelAdapter`; ``configs/model/*.yaml`` name it
+(``family: llava``). Entries are import paths, imported on first use, so importing this package
+loads no family. Everything outside the family packages reaches a family through this registry
+and the :class:`~recomp_eval.models.base.ModelBundle` it loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+from recomp_eval.models.base import ModelAdapter, ModelBundle, ModelShapes, check_signals
+
+__all__ = [
+    "FAMILIES",
+    "MODEL_TYPES",
+    "ModelAdapter",
+    "ModelBundle",
+    "ModelShapes",
+    "adapter_for_model",
+    "check_signals",
+    "get_adapter",
+    "load_model",
+    "register_family",
+]
+
+# family -> "module:Class" of its adapter
+FAMILIES: dict[str, str] = {"llava": "recomp_eval.models.llava.adapter:LlavaAdapter"}
+# transformers ``config.model_type`` -> family (to find the adapter of an already loaded model)
+MODEL_TYPES: dict[str, str] = {"llava": "llava"}
+DEFAULT_FAMILY = "llava"
+
+
+def register_family(name: str, target: str, model_types: tuple[str, ...] = ()) -> None:
+    """Add a family (``target``: ``"package.module:AdapterClass"``), e.g. from a plugin or test."""
+    if name in FAMILIES and FAMILIES[name] != target:
+        raise KeyError(f"model family '{name}' is already registered as {FAMILIES[name]}")
+    FAMILIES[name] = target
+    for model_type in model_types:
+        MODEL_TYPES[model_type] = name
+
+
+def get_adapter(family: str) -> Any:
+    """The adapter of ``family``; an unknown name lists the known ones with a did-you-mean."""
+    if family not in FAMILIES:
+        close = difflib.get_close_matches(family, FAMILIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"unknown model family '{family}'{hint}; known families: {', '.join(sorted(FAMILIES))}"
+            f" (model.family in configs/model/*.yaml)"
+        )
+    module, _, name = FAMILIES[family].partition(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def adapter_for_model(model: Any) -> Any:
+    """The adapter of a loaded model, by its config's ``model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"no model family handles model_type '{model_type}' ({type(model).__name__}); "
+            f"known: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    return get_adapter(MODEL_TYPES[model_type])
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    """The folder or hub id the ``model`` config loads from (the family resolves special ids)."""
+    cfg = dict(model_cfg)
+    return get_adapter(str(cfg.get("family") or DEFAULT_FAMILY)).resolve(str(cfg["id"]))
+
+
+def load_model(model_cfg: Any) -> ModelBundle:
+    """Load the configured checkpoint through its family's adapter (``model.family``)."""
+    import torch
+
+    cfg = dict(model_cfg)
+    adapter = get_adapter(str(cfg.get("family") or DEFAULT_FAMILY))
+    device = cfg.get("device", "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"model.device={device} but CUDA is not available; pass model.device=cpu "
+            f"(and model.dtype=float32 or bfloat16 on CPU)"
+        )
+    return adapter.load(
+        adapter.resolve(str(cfg["id"])),
+        dtype=cfg.get("dtype", "float32"),
+        device=device,
+        attn_implementation=cfg.get("attn_implementation", "sdpa"),
+        clip_text_id=cfg.get("clip_text_id"),
+    )

@@ -126,7 +126,8 @@ def score_runs(runs: list[Run], n_boot: int = 1000) -> list[Scored]:
                 b = score(run.benchmark, theirs, run.protocol, metrics=names).get(key, math.nan)
                 scored.rel = 100.0 * a / b if b else math.nan
                 if ref is not run:
-                    loyal = loyalty_metrics(mine, theirs, run.benchmark, run.protocol)
+                    loyal = loyalty_metrics(mine, theirs, run.benchmark, run.protocol,
+                                            metrics=names)  # fmt: skip
                     prefix = f"{run.benchmark}/loyalty/accuracy_diff"
                     scored.diff = 100.0 * loyal[prefix]
                     scored.diff_low = 100.0 * loyal[f"{prefix}_low"]

@@ -63,7 +63,7 @@ def encode_texts(clip_text: Any, texts: Sequence[str], spec: TextSpec) -> torch.
     """Projected CLIP text embedding per text.
 
     Args:
-        clip_text: a :class:`~recomp_eval.models.loader.ClipText`.
+        clip_text: a :class:`~recomp_eval.models.llava.loader.ClipText`.
         texts: B strings.
         spec: ``max_len`` and ``pool``.
     Returns:

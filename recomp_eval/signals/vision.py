@@ -17,7 +17,7 @@ H heads, d = C / H head width, D CLIP joint width.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -60,7 +60,8 @@ class QKProbe:
         return store[layer]
 
 
-def _attention_module(tower: torch.nn.Module, layer: int) -> torch.nn.Module:
+def attention_module(tower: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """Layer ``layer``'s attention of a transformers 5.x CLIP tower (``q_proj``/``k_proj``)."""
     try:
         return tower.encoder.layers[layer].self_attn
     except (AttributeError, IndexError) as err:
@@ -72,21 +73,27 @@ def _attention_module(tower: torch.nn.Module, layer: int) -> torch.nn.Module:
 
 @contextmanager
 def capture_qk(
-    tower: torch.nn.Module, q_layers: Iterable[int], k_layers: Iterable[int]
+    tower: torch.nn.Module,
+    q_layers: Iterable[int],
+    k_layers: Iterable[int],
+    attention: Callable[[int], torch.nn.Module] | None = None,
 ) -> Iterator[QKProbe]:
     """Register forward hooks on ``q_proj`` / ``k_proj`` of the given layers; remove on exit.
 
     Args:
-        tower: a CLIPVisionModel (``encoder.layers[i].self_attn.{q_proj,k_proj}``).
+        tower: the vision tower (a CLIPVisionModel by default).
         q_layers, k_layers: resolved (non-negative) layer indices.
+        attention: layer index -> the module holding ``q_proj``/``k_proj`` (a family's hook
+            points); default :func:`attention_module` (``encoder.layers[i].self_attn``).
     """
+    attention = attention or (lambda layer: attention_module(tower, layer))
     probe = QKProbe()
     handles = []
     try:
         for kind, layers in (("q", sorted(set(q_layers))), ("k", sorted(set(k_layers)))):
             store = probe.q if kind == "q" else probe.k
             for layer in layers:
-                proj = getattr(_attention_module(tower, layer), f"{kind}_proj", None)
+                proj = getattr(attention(layer), f"{kind}_proj", None)
                 if proj is None:
                     raise RuntimeError(f"vision layer {layer} has no {kind}_proj to hook")
                 handles.append(proj.register_forward_hook(_make_hook(probe, store, kind, layer)))

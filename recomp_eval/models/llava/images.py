@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 ImageMode = Literal["pad", "crop"]
-PROTOCOL_IMAGE_MODE: dict[str, ImageMode] = {"llava15": "pad", "lmms_eval": "crop"}
 _MAX_CHANNEL = 255
 
 # Why one class, and why this one. transformers 5.x maps ``image_processor_type:
@@ -77,7 +76,7 @@ def check_pinnable(config: Mapping[str, Any], where: str) -> None:
     if family == "LlavaImageProcessor" and config.get("do_pad"):
         raise ValueError(
             f"{where}: its {name} pads to a square itself (do_pad: true); the protocol decides "
-            f"padding (recomp_eval.models.images): set do_pad to false in its image-processor config"
+            f"padding (recomp_eval.models.llava.images): set do_pad to false in its image-processor config"
         )
 
 
@@ -98,11 +97,21 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
 
 
 def image_mode(protocol: str) -> ImageMode:
-    if protocol not in PROTOCOL_IMAGE_MODE:
-        raise ValueError(
-            f"unknown protocol '{protocol}'; known: {', '.join(sorted(PROTOCOL_IMAGE_MODE))}"
-        )
-    return PROTOCOL_IMAGE_MODE[protocol]
+    """``pad`` or ``crop``: the protocol's ``image_mode`` (``configs/protocol/<name>.yaml``)."""
+    from recomp_eval.benchmarks.specs import protocol_spec
+
+    mode = protocol_spec(protocol).image_mode
+    if mode not in ("pad", "crop"):
+        raise ValueError(f"protocol '{protocol}' has image_mode '{mode}'; use pad or crop")
+    return mode  # type: ignore[return-value]
+
+
+def pad_colour(protocol: str, image_processor: Any) -> tuple[int, int, int]:
+    """The protocol's ``pad_color``, else the processor's mean colour (LLaVA's choice)."""
+    from recomp_eval.benchmarks.specs import protocol_spec
+
+    colour = protocol_spec(protocol).pad_color
+    return tuple(colour) if colour else mean_colour(image_processor)  # type: ignore[return-value]
 
 
 def preprocess_images(
@@ -111,6 +120,6 @@ def preprocess_images(
     """Turn PIL images into ``pixel_values`` [B,3,S,S] (float32) for the given protocol."""
     rgb = [im.convert("RGB") for im in images]
     if image_mode(protocol) == "pad":
-        background = mean_colour(image_processor)
+        background = pad_colour(protocol, image_processor)
         rgb = [expand_to_square(im, background) for im in rgb]
     return image_processor(images=rgb, return_tensors="pt")["pixel_values"]

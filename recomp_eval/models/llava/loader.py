@@ -7,7 +7,7 @@ a missing, incomplete or truncated checkpoint is one line naming the file; trans
 that are noise for these loads are silenced for the load call only.
 
 The image processor is pinned to one class on every machine (:func:`load_image_processor`; why in
-:mod:`recomp_eval.models.images`). The CLIP checkpoint that text-guided methods pair with LLaVA's
+:mod:`recomp_eval.models.llava.images`). The CLIP checkpoint that text-guided methods pair with LLaVA's
 tower is checked against that tower once per pair (:func:`clip_pairing_check`,
 ``ClipText.pairing``).
 """
@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
+from recomp_eval.models.base import ModelBundle
 from recomp_eval.models.checkpoint_checks import (
     BadCheckpointError,
     ModelUnavailableError,
     check_checkpoint_folder,
 )
-from recomp_eval.models.images import PINNED_IMAGE_PROCESSOR, check_pinnable
-from recomp_eval.models.pairing import (  # noqa: F401 - re-exported
+from recomp_eval.models.llava.images import PINNED_IMAGE_PROCESSOR, check_pinnable
+from recomp_eval.models.llava.pairing import (  # noqa: F401 - re-exported
     PAIRING_RTOL,
     checkpoint_name,
     clip_pairing_check,
@@ -66,44 +67,6 @@ _TP_LOGGERS = (
     "transformers.integrations.tensor_parallel",
 )
 _REPORT_LOGGER = "transformers.modeling_utils"  # the per-load LOAD REPORT (missing/unexpected keys)
-
-
-@dataclass
-class ModelBundle:
-    """A loaded LLaVA checkpoint and its preprocessing.
-
-    ``clip_text_id`` names the CLIP repo whose text tower and ``visual_projection`` text-guided
-    methods use; it is loaded on demand with :func:`load_clip_text` (once per process).
-    """
-
-    model: Any  # LlavaForConditionalGeneration
-    tokenizer: Any
-    processor: Any
-    model_id: str
-    dtype: torch.dtype
-    device: torch.device
-    clip_text_id: str = DEFAULT_CLIP_TEXT_ID
-    # What ``AutoProcessor`` chose on this machine before the image processor was pinned
-    # (``CLIPImageProcessor`` where torchvision imports, ``CLIPImageProcessorPil`` where not).
-    auto_image_processor_class: str = ""
-
-    @property
-    def image_processor(self) -> Any:
-        return self.processor.image_processor
-
-    @property
-    def image_processor_class(self) -> str:
-        """The image processor's class name (:data:`~recomp_eval.models.images.PINNED_IMAGE_PROCESSOR`
-        for bundles from :func:`load_llava`), for run records."""
-        return type(self.processor.image_processor).__name__
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
-    @property
-    def image_token(self) -> str:
-        return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
 
 @dataclass
@@ -269,6 +232,8 @@ def load_llava(
     if clip_text_id is None:
         sub = Path(model_id).expanduser() / "clip"
         clip_text_id = str(sub) if sub.is_dir() else DEFAULT_CLIP_TEXT_ID
+    from recomp_eval.models.llava.adapter import LlavaAdapter
+
     return ModelBundle(
         model=model,
         tokenizer=tokenizer,
@@ -277,6 +242,7 @@ def load_llava(
         dtype=torch_dtype,
         device=torch.device(device),
         clip_text_id=clip_text_id,
+        adapter=LlavaAdapter(),
         auto_image_processor_class=auto_class,
     )
 
@@ -284,14 +250,14 @@ def load_llava(
 def load_image_processor(model_id: str) -> Any:
     """The checkpoint's image-processor settings in the pinned class, on any machine.
 
-    :data:`~recomp_eval.models.images.PINNED_IMAGE_PROCESSOR` (``CLIPImageProcessorPil``) is built
+    :data:`~recomp_eval.models.llava.images.PINNED_IMAGE_PROCESSOR` (``CLIPImageProcessorPil``) is built
     from the checkpoint's own settings (``preprocessor_config.json``, or the nested entry of
     ``processor_config.json``), whatever ``image_processor_type`` they name and whether or not
     torchvision is installed, so both protocols get the same pixels everywhere.
 
     Raises:
         ValueError: the settings name a processor the pinned class cannot stand in for
-            (:func:`~recomp_eval.models.images.check_pinnable`).
+            (:func:`~recomp_eval.models.llava.images.check_pinnable`).
     """
     import transformers
 

@@ -2,7 +2,7 @@
 
 The folder has the same layout as a real checkpoint plus a ``clip/`` sub-folder holding a tiny
 ``CLIPModel`` (text tower, text projection, vision tower, visual projection), so tests load it with
-:func:`recomp_eval.models.loader.load_llava` and :func:`~recomp_eval.models.loader.load_clip_text`
+:func:`recomp_eval.models.llava.loader.load_llava` and :func:`~recomp_eval.models.llava.loader.load_clip_text`
 exactly like ``llava-hf/llava-1.5-7b-hf`` and ``openai/clip-vit-large-patch14-336``.
 
 Building takes well under a second; a built folder is reused (keyed by a hash of the options).
@@ -257,7 +257,7 @@ def load_tiny(
     attn_implementation: str = "sdpa",
 ):
     """Build (or reuse) the tiny folder and load it with the real-checkpoint loader."""
-    from recomp_eval.models.loader import load_llava
+    from recomp_eval.models.llava.loader import load_llava
 
     return load_llava(
         str(build_tiny(spec)), dtype=dtype, device=device, attn_implementation=attn_implementation

@@ -18,17 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+from recomp_eval.models.base import (  # noqa: F401 - re-exported for callers of this module
+    PROBE_TEXT,
+    PromptTemplateError,
+    check_prompt,
 )
-PROTOCOLS = ("llava15", "lmms_eval")
+
 LMMS_WRAPPER = "lmms_eval.models.chat.llava_hf.LlavaHf (lmms-eval 0.7.3, the default llava_hf)"
-PROBE_TEXT = "What is shown here?"  # a user turn used to check a template before any work
-
-
-class PromptTemplateError(ValueError):
-    """A chat template that cannot render this protocol's prompt (message: one line)."""
 
 
 def structured_turn(text: str) -> list[dict[str, Any]]:
@@ -42,19 +38,27 @@ def render_prompt(
     """Full prompt string with exactly one ``image_token``.
 
     Args:
-        protocol: ``llava15`` or ``lmms_eval``.
+        protocol: a protocol name (``configs/protocol/<name>.yaml``: its ``conversation`` and
+            ``system_prompt`` choose the format).
         text: the user text (question plus any protocol suffix), without the image token.
         tokenizer: the checkpoint's tokenizer (holds the template when the processor does not).
         processor: the checkpoint's processor; its chat template serves ``lmms_eval``.
     """
-    if protocol == "llava15":
-        return f"{VICUNA_V1_SYSTEM} USER: {image_token}\n{text} ASSISTANT:"
-    if protocol == "lmms_eval":
+    from recomp_eval.benchmarks.specs import protocol_spec
+
+    spec = protocol_spec(protocol)
+    if spec.conversation == "llava15":  # vicuna_v1
+        system = f"{spec.system_prompt} " if spec.system_prompt else ""
+        return f"{system}USER: {image_token}\n{text} ASSISTANT:"
+    if spec.conversation == "lmms_eval":
         holder = template_holder(tokenizer, processor)
         return holder.apply_chat_template(
             structured_turn(text), tokenize=False, add_generation_prompt=True
         )
-    raise ValueError(f"unknown protocol '{protocol}'; known: {', '.join(PROTOCOLS)}")
+    raise ValueError(
+        f"protocol '{protocol}' has conversation '{spec.conversation}'; the llava family renders "
+        f"llava15 (vicuna_v1) or lmms_eval (the checkpoint's chat template)"
+    )
 
 
 def template_holder(tokenizer: Any, processor: Any) -> Any:
@@ -82,20 +86,3 @@ def template_source(protocol: str, tokenizer: Any, processor: Any, folder: str |
         if folder and (Path(folder) / name).is_file()
     ]
     return f"{kind}:{files[0] if files else 'chat_template'}"
-
-
-def check_prompt(prompt: str, text: str, image_token: str, protocol: str) -> None:
-    """One line naming the template problem when a rendered prompt lacks the user turn or does
-    not hold exactly one image placeholder (checked before any vision work)."""
-    count = prompt.count(image_token)
-    if count != 1:
-        raise PromptTemplateError(
-            f"protocol={protocol} renders {count} '{image_token}' placeholders instead of one "
-            f"({prompt[:80]!r}); the checkpoint's chat template does not render the image part "
-            f"of structured content: fix the template or use protocol=llava15"
-        )
-    if text.strip() and text.strip() not in prompt:
-        raise PromptTemplateError(
-            f"protocol={protocol} renders an empty user turn ({prompt[:80]!r}): the chat "
-            f"template drops the text; fix the template or use protocol=llava15"
-        )

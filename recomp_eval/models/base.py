@@ -1,0 +1,245 @@
+"""What the pipeline needs from a model family: the :class:`ModelAdapter` interface.
+
+The pipeline, the runner and the evaluation know no family. They hold a :class:`ModelBundle`
+(model, tokenizer, processor, device, dtype and its ``adapter``) and ask the adapter for every
+step that differs between families: prompt rendering per protocol, image preprocessing, the
+vision tower's hook points, a tower pass, the vision signals (with the grid from the config),
+the text signal, projection into the LLM, the prompt with ``T_i`` visual tokens per sample,
+generation, and the shapes FLOPs and keep maps need. A family that cannot supply a signal
+leaves it out of ``supported_signals``; a method needing it stops with one line
+(:func:`check_signals`).
+
+Families live in packages ``recomp_eval/models/<family>/`` and are found through the lazy
+registry of :mod:`recomp_eval.models`.
+
+Letters: B batch, N patches, C tower width, D CLIP joint width, E LLM width, T_i kept tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from recomp_eval.efficiency.flops import DecoderShape
+from recomp_eval.methods.base import VisionSignals
+
+PROBE_TEXT = "What is shown here?"  # a user turn used to check a template before any work
+
+
+class PromptTemplateError(ValueError):
+    """A chat template that cannot render this protocol's prompt (message: one line)."""
+
+
+def check_prompt(prompt: str, text: str, image_token: str, protocol: str) -> None:
+    """One line naming the template problem when a rendered prompt lacks the user turn or does
+    not hold exactly one image placeholder (checked before any vision work)."""
+    count = prompt.count(image_token)
+    if count != 1:
+        raise PromptTemplateError(
+            f"protocol={protocol} renders {count} '{image_token}' placeholders instead of one "
+            f"({prompt[:80]!r}); the checkpoint's chat template does not render the image part "
+            f"of structured content: fix the template or use protocol=llava15"
+        )
+    if text.strip() and text.strip() not in prompt:
+        raise PromptTemplateError(
+            f"protocol={protocol} renders an empty user turn ({prompt[:80]!r}): the chat "
+            f"template drops the text; fix the template or use protocol=llava15"
+        )
+
+
+# The signals a family can supply to pre-LLM methods (names of VisionSignals fields).
+SIGNALS = ("features", "cls_attn", "keys", "cls_feature", "text_sim", "seeds")
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """Sizes read from the config: visual tokens, their grid, the decoder, one tower pass."""
+
+    patches: int  # N visual tokens of one image before compression
+    grid: tuple[int, int]  # (rows, cols) of the patch grid, for keep maps
+    decoder: DecoderShape  # LLM sizes for prefill FLOPs
+    vision_flops: int  # FLOPs of one vision-tower pass over one image
+    context_length: int  # the LLM's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class HookPoints:
+    """Where the q/k captures attach: the tower, its depth and its layer-``i`` attention."""
+
+    tower: torch.nn.Module
+    num_layers: int
+    num_heads: int
+    attention: Callable[[int], torch.nn.Module]  # layer index -> module with q_proj / k_proj
+
+
+@dataclass
+class TowerOutput:
+    """What one vision-side run produced (before the text signal and the method)."""
+
+    signals: VisionSignals
+    last_hidden: torch.Tensor  # [B,N+1,C] the tower's last hidden state (RC's Z)
+
+
+@dataclass
+class ModelBundle:
+    """A loaded checkpoint, its preprocessing and the family adapter that drives it.
+
+    ``clip_text_id`` names the CLIP checkpoint text-guided methods use (families with a CLIP
+    text tower); ``auto_image_processor_class`` is what ``AutoProcessor`` would have picked on
+    this machine (the family may pin another class).
+    """
+
+    model: Any
+    tokenizer: Any
+    processor: Any
+    model_id: str
+    dtype: torch.dtype
+    device: torch.device
+    clip_text_id: str = ""
+    adapter: Any = None
+    auto_image_processor_class: str | None = field(default=None, compare=False)
+
+    @property
+    def image_processor(self) -> Any:
+        return self.processor.image_processor
+
+    @property
+    def image_processor_class(self) -> str:
+        """Name of the image-processor class the pixels come from (recorded in results)."""
+        return type(self.processor.image_processor).__name__
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def image_token(self) -> str:
+        return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """One model family. Methods take the bundle; tensors keep the model's device and dtype."""
+
+    family: str
+    supported_signals: frozenset[str]
+
+    def resolve(self, model_id: str) -> str:
+        """The folder or hub id a configured ``model.id`` loads from (special ids built here)."""
+
+    def load(
+        self,
+        model_id: str,
+        dtype: str | torch.dtype,
+        device: str | torch.device,
+        attn_implementation: str,
+        clip_text_id: str | None,
+    ) -> ModelBundle: ...
+
+    def render_prompt(self, bundle: ModelBundle, protocol: str, user_text: str) -> str:
+        """The full prompt with exactly one image placeholder."""
+
+    def check_prompt(self, bundle: ModelBundle, protocol: str, prompt: str, text: str) -> None:
+        """One-line error when a rendered prompt cannot work (before any vision work)."""
+
+    def template_source(self, bundle: ModelBundle, protocol: str) -> str:
+        """Where the prompt format comes from, for the record."""
+
+    def follows(self, protocol: str) -> str:
+        """The reference harness whose prompts and generation the protocol reproduces."""
+
+    def text_tower_path(self, checkpoint: str, clip_text_id: str | None) -> str:
+        """Where a text-guided method's text tower loads from (fingerprinted with the run)."""
+
+    def text_pairing(self, bundle: ModelBundle) -> dict[str, Any]:
+        """Whether the text tower's checkpoint pairs with the model's vision tower (recorded)."""
+
+    def preprocess(self, bundle: ModelBundle, images: Sequence[Any], protocol: str) -> torch.Tensor:
+        """``pixel_values`` [B,3,S,S] for the protocol's image handling."""
+
+    def hook_points(self, model: Any) -> HookPoints: ...
+
+    def tower_pass(
+        self,
+        bundle: ModelBundle,
+        pixel_values: torch.Tensor,
+        probe: Any,
+        extra_q: Sequence[int] = (),
+        extra_k: Sequence[int] = (),
+    ) -> Any:
+        """One tower pass under ``probe``'s hooks, as a :class:`~recomp_eval.inject.vision_cache.TowerPass`."""
+
+    def last_hidden(self, bundle: ModelBundle, pixel_values: torch.Tensor) -> torch.Tensor:
+        """A plain tower pass's last hidden state [B,N+1,C] (RC ``official``'s repeated pass)."""
+
+    def signals(
+        self, bundle: ModelBundle, done: Any, spec: Any, seeds: torch.Tensor | None
+    ) -> TowerOutput:
+        """The vision signals ``spec`` asks for, from a tower pass ``done``."""
+
+    def add_text_signal(
+        self,
+        bundle: ModelBundle,
+        tower_out: TowerOutput,
+        spec: Any,
+        questions: Sequence[str],
+        prompt_ids: Sequence[Sequence[int]],
+    ) -> None:
+        """Set ``tower_out.signals.text_sim`` [B,N] for a text-guided method."""
+
+    def project(self, bundle: ModelBundle, compressed: Any) -> list[torch.Tensor]:
+        """B x [T_i, E] LLM inputs for the kept tokens."""
+
+    def expand_prompt(
+        self, bundle: ModelBundle, prompt_ids: Sequence[Sequence[int]], lengths: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` [B,L] and ``attention_mask`` [B,L] with ``T_i`` visual placeholders."""
+
+    def generate(
+        self,
+        bundle: ModelBundle,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        features: Sequence[torch.Tensor],
+        **generate_kwargs: Any,
+    ) -> Any:
+        """``generate`` with the projected features; returns [B, L + new] sequences."""
+
+    def shapes(self, bundle: ModelBundle) -> ModelShapes: ...
+
+
+def required_signals(spec: Any) -> set[str]:
+    """The :data:`SIGNALS` a method's :class:`~recomp_eval.methods.base.SignalSpec` needs."""
+    needed = {"features"}
+    if spec.cls_attn is not None:
+        needed.add("cls_attn")
+    if spec.keys is not None:
+        needed.add("keys")
+    if spec.cls_feature:
+        needed.add("cls_feature")
+    if spec.text is not None:
+        needed.add("text_sim")
+    if spec.needs_seeds:
+        needed.add("seeds")
+    return needed
+
+
+def check_signals(method: Any, adapter: Any) -> None:
+    """One line when ``method`` needs a signal the family cannot supply, naming what works."""
+    missing = sorted(required_signals(method.spec) - set(adapter.supported_signals))
+    if not missing:
+        return
+    from recomp_eval.methods import METHODS, build_method
+
+    working = sorted(
+        name
+        for name in METHODS
+        if not required_signals(build_method(name).spec) - set(adapter.supported_signals)
+    )
+    raise ValueError(
+        f"method '{method.name}' needs {', '.join(missing)}, which the {adapter.family} family "
+        f"cannot supply; methods that work with {adapter.family}: {', '.join(working)}"
+    )
