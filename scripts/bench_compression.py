@@ -1,6 +1,6 @@
 """Time every registered pre-LLM compression method at LLaVA-1.5 shapes.
 
-Compares against the loop oracle of the released RC code (``tests/rc_oracle.py``, one image at a
+Compares against the loop oracle of the released RC code (``recomp_eval/rc_oracle.py``, one image at a
 time) and one CLIP ViT-L/14-336 forward pass with random weights (the "RC costs <= 5 % of a ViT
 pass" target). CPU runs use one thread; CUDA runs are added when a GPU is present.
 
@@ -17,7 +17,6 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from rc_oracle import make_inputs, rc_single  # noqa: E402
 
 from recomp_eval.methods import METHODS, VisionSignals, build_method  # noqa: E402
+from recomp_eval.rc_oracle import make_inputs, rc_single  # noqa: E402
 
 N_PATCHES, WIDTH, BATCHES = 576, 1024, (1, 8)
 # extra RC configurations timed next to each registered method's defaults

@@ -2,9 +2,12 @@
 
     python scripts/compare_runs.py results/demo/raw /tmp/other/raw
 
-A regression check for refactors that must not change behaviour: every run folder (by its path
-under the root, which ends in the run key) must exist in both roots with identical per-sample
-``prediction``, ``kept_tokens`` and ``keep_map``. Exits 1 and lists the differences otherwise.
+A regression check for refactors that must not change behaviour: every run (its folder path
+under the root without the run key: benchmark/model/protocol/label-retention) must exist in both
+roots with identical per-sample ``prediction``, ``kept_tokens`` and ``keep_map``; with
+``--same-keys`` the run keys must be equal too (true when both roots use the same data folder:
+the keys cover the data's contents, and in quick mode the mtimes of its large files). Exits 1
+and lists the differences otherwise.
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ from recomp_eval.runner import SampleStore
 FIELDS = ("prediction", "kept_tokens", "keep_map", "new_tokens", "text_tokens")
 
 
-def runs(root: Path) -> dict[str, Path]:
-    return {str(p.parent.relative_to(root)): p for p in sorted(root.rglob("samples.jsonl"))}
+def runs(root: Path, with_keys: bool = False) -> dict[str, Path]:
+    """Run folder path (relative, the trailing ``-<run key>`` dropped unless ``with_keys``) ->
+    its ``samples.jsonl``."""
+    out = {}
+    for path in sorted(root.rglob("samples.jsonl")):
+        rel = str(path.parent.relative_to(root))
+        out[rel if with_keys else rel.rsplit("-", 1)[0]] = path
+    return out
 
 
-def compare(before: Path, after: Path) -> list[str]:
+def compare(before: Path, after: Path, same_keys: bool = False) -> list[str]:
     """Differences between the runs of two roots (empty when equal)."""
-    a, b = runs(before), runs(after)
+    a, b = runs(before, same_keys), runs(after, same_keys)
     problems = [f"only in {before}: {k}" for k in sorted(a.keys() - b.keys())]
     problems += [f"only in {after}: {k}" for k in sorted(b.keys() - a.keys())]
     for key in sorted(a.keys() & b.keys()):
@@ -43,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
+    parser.add_argument("--same-keys", action="store_true", help="run keys must match too")
     args = parser.parse_args(argv)
-    problems = compare(args.before, args.after)
+    problems = compare(args.before, args.after, args.same_keys)
     for line in problems[:50]:
         print(line)
     n = len(runs(args.before))

@@ -7,12 +7,9 @@ make eval-gqa ARGS="model=tiny benchmark.data_dir=results/fixtures/gqa"
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from fixtures import write_fixture
+from recomp_eval.benchmarks.fixtures import write_fixture
 
 BENCHMARKS = ("gqa", "vqav2", "textvqa", "pope", "mme")
 

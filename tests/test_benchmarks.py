@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures import CONFIGS, HUGE_LIMIT, SPLITS, write_fixture
 from PIL import Image
 
 from recomp_eval.benchmarks import BENCHMARK_CLASSES, DatasetUnavailableError, Sample
+from recomp_eval.benchmarks.fixtures import CONFIGS, HUGE_LIMIT, SPLITS, write_fixture
 from recomp_eval.benchmarks.prompts import generation_settings, render_prompt, user_prompt
 from recomp_eval.benchmarks.specs import (
     BenchmarkPrompt,

@@ -20,11 +20,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from recomp_eval import cli
+from recomp_eval.benchmarks.fixtures import write_fixture
 from recomp_eval.cli_checks import check_output_root, check_overrides
 from recomp_eval.config_path import CONFIG_DIR
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import write_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 

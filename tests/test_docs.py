@@ -12,8 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 METHOD_MD = ROOT / "docs" / "method.md"
 README_MAX_CHARS = 12_000
-# linked from the README but written separately; drop an entry once its file exists
-PLANNED = {ROOT / "docs" / "extending.md"}
 # where the code cites docs/method.md (this file excluded: its docstrings hold examples)
 CITING_GLOBS = ("recomp_eval/**/*.py", "configs/**/*.yaml", "scripts/**/*.py", "tests/**/*.py")
 
@@ -63,8 +61,6 @@ def broken_links(path: Path) -> list[str]:
             continue
         file_part, _, anchor = target.partition("#")
         dest = (path.parent / file_part).resolve() if file_part else path
-        if dest in PLANNED:
-            continue
         if not dest.exists():
             problems.append(f"{path.relative_to(ROOT)}: {target} (no such file)")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):

@@ -8,22 +8,19 @@ and evaluation drive it.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from recomp_eval import models
+from recomp_eval.benchmarks.fixtures import sample_images, write_fixture
 from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.evaluate import evaluate
 from recomp_eval.methods import build_method
 from recomp_eval.models.base import ModelAdapter, check_signals
 from recomp_eval.models.llava.adapter import LlavaAdapter
 from recomp_eval.pipeline import generate
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import sample_images, write_fixture
 
 PACKAGE = Path(__file__).resolve().parents[1] / "recomp_eval"
 

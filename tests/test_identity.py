@@ -9,20 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from recomp_eval.benchmarks.fixtures import write_fixture
 from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.evaluate import evaluate, load_model
 from recomp_eval.runner import SampleStore
 from recomp_eval.runs import expand_runs, folder_name
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import write_fixture
 
 
 def composed(*overrides: str):

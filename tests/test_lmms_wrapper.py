@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,6 @@ from recomp_eval.synth.writers import write_benchmark
 if importlib.util.find_spec("lmms_eval") is None:
     pytest.skip("lmms-eval is not installed", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).parent))
 import lmms_oracle as oracle
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rc_oracle import lof_ratio, make_inputs, rc_single
 from sklearn.neighbors import LocalOutlierFactor
 
 from recomp_eval.methods import Role, VisionSignals, budget_from_ratio, build_method
 from recomp_eval.methods.outliers import lof_outlier_mask
 from recomp_eval.methods.rc import RCConfig, make_config
+from recomp_eval.rc_oracle import lof_ratio, make_inputs, rc_single
 
 N, C = 576, 1024
 

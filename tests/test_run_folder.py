@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from recomp_eval.benchmarks.fixtures import write_fixture
 from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.evaluate import evaluate, load_model
 from recomp_eval.run_folder import RunBusyError, RunFolder, run_peak_memory
 from recomp_eval.runner import SampleStore
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import write_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,12 +15,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from recomp_eval.aggregate import write_tables
+from recomp_eval.benchmarks.fixtures import write_fixture
 from recomp_eval.config_path import CONFIG_DIR
 from recomp_eval.evaluate import evaluate, load_model
 from recomp_eval.runner import SampleStore
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import write_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("gqa", "vqav2", "textvqa", "pope", "mme")

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from recomp_eval.benchmarks.fixtures import sample_images
 from recomp_eval.evaluate import load_model
 from recomp_eval.methods import build_method
 from recomp_eval.pipeline import generate
 from recomp_eval.stop_text import StopOnText, cut_at_stop
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from fixtures import write_fixture
 
+from recomp_eval.benchmarks.fixtures import write_fixture
 from recomp_eval.metrics import score
 from recomp_eval.metrics.mme import PERCEPTION
 from recomp_eval.synth.questions import (

@@ -1,6 +1,6 @@
 """Load one split of a benchmark from the HF hub (pinned revision) or from local parquet.
 
-Local layout written by ``scripts/prefetch.py`` (and by ``tests/fixtures.py``)::
+Local layout written by ``scripts/prefetch.py`` (and by ``recomp_eval/benchmarks/fixtures.py``)::
 
     <data_dir>/manifest.json                      # dataset id, requested + resolved revision
     <data_dir>/<config or "default">/<split>/*.parquet

@@ -1,6 +1,6 @@
 """Hub schemas of the five real benchmarks (``datasets.Features``) and their local layout.
 
-Column names and Arrow types follow the lmms-lab dataset cards; ``tests/fixtures.py`` uses the
+Column names and Arrow types follow the lmms-lab dataset cards; ``recomp_eval/benchmarks/fixtures.py`` uses the
 same definitions for the test fixtures, so that the synthetic parquet files are read by the
 real loaders through ``data_dir`` unchanged.
 """
