@@ -334,3 +334,27 @@ def test_resume_skips_done_samples_before_decoding(tmp_path: Path) -> None:
     assert bad_ids  # the fixture's bad records are screened out when iterated normally
     rest = [s.sample_id for s in bench.iterate(skip=bad_ids | set(all_ids[:2]))]
     assert rest == all_ids[2:] and not bench.bad  # skipped ids were never decoded or screened
+
+
+def test_test_split_run_writes_the_evalai_submission(tmp_path: Path, bundle) -> None:
+    """``submission: vqav2`` in vqav2_testdev.yaml: the run folder gets the EvalAI file."""
+    import pyarrow.parquet as pq
+
+    data = write_fixture("vqav2", tmp_path / "data")
+    (shard,) = (data / "default" / "validation").glob("*.parquet")
+    table = pq.read_table(shard)
+    empty = [[] for _ in range(table.num_rows)]  # test-dev has no answers
+    table = table.set_column(table.column_names.index("answers"), "answers", [empty])
+    (data / "default" / "testdev").mkdir()
+    pq.write_table(table, data / "default" / "testdev" / "testdev-00000-of-00001.parquet")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="eval", overrides=[
+            "benchmark=vqav2_testdev", f"benchmark.data_dir={data}", f"paths.root={tmp_path}",
+            "runner.max_new_tokens=3",
+        ])  # fmt: skip
+    (rec,) = evaluate(cfg, bundle)
+    entries = json.loads((Path(rec.run_dir) / "submission_vqav2.json").read_text())
+    rows = SampleStore(Path(rec.run_dir) / "samples.jsonl").load()
+    assert len(entries) == len(rows) == table.num_rows
+    assert {e["question_id"] for e in entries} == {r["meta"]["question_id"] for r in rows.values()}
+    assert rec.metrics["vqav2/n_unscored"] == len(rows)

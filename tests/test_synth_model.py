@@ -74,6 +74,7 @@ def test_every_method_runs(bundle, name):
     assert all(r.kept_tokens <= 576 for r in out)
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; the shipped model only changes with scripts/train_tiny.py
 def test_quality_gates_on_fixed_subset():
     gates = scripts_module("check_synth_model")
     ATTRIBUTE_GATE, POPE_F1_GATE, run_gates = (
