@@ -4,84 +4,34 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_llm import (
+    ATOL,
+    IMAGE_ID,
+    N_IMAGE,
+    TEXT_LAYERS,
+    build_llava,
+    make_batch,
+    scale,
+    text_config,
+)
 
 from recomp_eval.inject.llm_attention import llm_pruning
 from recomp_eval.methods import budget_from_ratio, build_method
 from recomp_eval.methods.fastv import FastVConfig, kept_count
 
-VOCAB = 64
-IMAGE_ID = VOCAB - 1
-PAD, BOS, EOS = 0, 1, 2
-TEXT_LAYERS = 4
-IMAGE_SIZE, PATCH = 56, 14
-N_IMAGE = (IMAGE_SIZE // PATCH) ** 2  # 16 placeholders per image
-WEIGHT_SCALE = 3.0  # spread the logits of a random model so greedy tokens vary
 NEW_TOKENS = 5
-ATOL = 1e-5
-
-
-def _scale(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(WEIGHT_SCALE)
-    return model.eval()
-
-
-def _text_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
 
 
 @pytest.fixture(scope="module")
 def llava():
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=_text_config(),
-        image_token_index=IMAGE_ID,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    model = _scale(LlavaForConditionalGeneration(cfg))
+    model = build_llava(seed=0)
     assert model.config.text_config._attn_implementation == "sdpa"
     return model
 
 
 @pytest.fixture(scope="module")
 def batch():
-    """Batch 2, left padding (sample 0 has two pads), image span at different offsets."""
-    gen = torch.Generator().manual_seed(1)
-    text = torch.randint(3, IMAGE_ID, (2, 6), generator=gen)
-    row0 = [PAD, PAD, BOS, *text[0, :2].tolist(), *[IMAGE_ID] * N_IMAGE, *text[0, 2:4].tolist()]
-    row1 = [BOS, *text[1, :4].tolist(), *[IMAGE_ID] * N_IMAGE, *text[1, 4:6].tolist()]
-    ids = torch.tensor([row0, row1])
-    return {
-        "input_ids": ids,
-        "attention_mask": (ids != PAD).long(),
-        "pixel_values": torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
-    }
+    return make_batch(seed=1)
 
 
 def _run(model, batch):
@@ -234,7 +184,7 @@ def test_plain_llama_gqa_no_padding():
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = _scale(LlamaForCausalLM(_text_config()))
+    model = scale(LlamaForCausalLM(text_config()))
     text = torch.randint(3, IMAGE_ID, (2, 8))
     ids = torch.cat([text[:, :3], torch.full((2, N_IMAGE), IMAGE_ID), text[:, 3:]], dim=1)
     out = {}

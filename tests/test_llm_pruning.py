@@ -15,6 +15,15 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from tiny_llm import (
+    ATOL,
+    IMAGE_ID,
+    N_IMAGE,
+    TEXT_LAYERS,
+    VOCAB,
+    build_llava,
+    make_batch,
+)
 
 from recomp_eval.efficiency.flops import DecoderShape, flops_summary, prefill_flops
 from recomp_eval.inject.llm_attention import check_depth, llm_pruning
@@ -22,15 +31,7 @@ from recomp_eval.llm_methods.base import LLMPruner, PruneView, Stage, layer_coun
 from recomp_eval.methods.fastv import FastVConfig, last_query_scores
 from recomp_eval.models.base import ModelShapes
 
-VOCAB = 64
-IMAGE_ID = VOCAB - 1
-PAD, BOS, EOS = 0, 1, 2
-TEXT_LAYERS = 4
-IMAGE_SIZE, PATCH = 56, 14
-N_IMAGE = (IMAGE_SIZE // PATCH) ** 2  # 16 placeholders per image
-WEIGHT_SCALE = 3.0  # spread the logits of a random model so greedy tokens vary
 NEW_TOKENS = 4
-ATOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -119,66 +120,14 @@ class Broken(FirstHalf):
         return keep
 
 
-def _scale(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(WEIGHT_SCALE)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def llava():
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-    )
-    text = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_ID,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    return _scale(LlavaForConditionalGeneration(cfg))
+    return build_llava(seed=0)
 
 
 @pytest.fixture(scope="module")
 def batch():
-    """Batch 2, left padding (sample 0 has two pads), image span at different offsets."""
-    gen = torch.Generator().manual_seed(3)
-    text = torch.randint(3, IMAGE_ID, (2, 6), generator=gen)
-    row0 = [PAD, PAD, BOS, *text[0, :2].tolist(), *[IMAGE_ID] * N_IMAGE, *text[0, 2:4].tolist()]
-    row1 = [BOS, *text[1, :4].tolist(), *[IMAGE_ID] * N_IMAGE, *text[1, 4:6].tolist()]
-    ids = torch.tensor([row0, row1])
-    return {
-        "input_ids": ids,
-        "attention_mask": (ids != PAD).long(),
-        "pixel_values": torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
-    }
+    return make_batch(seed=3)
 
 
 def _positions(valid: torch.Tensor) -> torch.Tensor:
