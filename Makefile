@@ -7,7 +7,9 @@ PIP := $(VENV)/bin/pip
 # pulls a CUDA build; lmms-eval (scoring oracle) goes in without its dependencies.
 TORCH_PIN := torch==2.13.0
 LMMS_EVAL_PIN := lmms-eval==0.7.3
-LMMS_RUNTIME := accelerate loguru sacrebleu evaluate pytz tenacity pytablewriter
+LMMS_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter
+# scaling out: `accelerate launch` and device_map=auto, Hydra's SLURM launcher (docs/scaling.md)
+SCALE_PINS := accelerate==1.15.0 submitit==1.5.4 hydra-submitit-launcher==1.2.0
 ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -38,6 +40,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -c <(echo $(TORCH_PIN)) -e .
+	$(PIP) install -q -c <(echo $(TORCH_PIN)) $(SCALE_PINS)
 	@$(PY) -c "import importlib.util, sys; sys.exit('torchvision must not be installed (breaks transformers on the CPU torch)' if importlib.util.find_spec('torchvision') else 0)"
 	touch $@
 

@@ -25,6 +25,9 @@ from recomp_eval.cli_checks import check_output_root, check_overrides  # noqa: E
 from recomp_eval.config_path import CONFIG_DIR  # noqa: E402
 
 log = logging.getLogger("recomp_eval")
+# the headline of each record this process built: shown by every torchrun rank (the last shard
+# of a run to finish builds it), while ranks other than 0 otherwise log warnings only
+result_log = logging.getLogger("recomp_eval.result")
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, RuntimeError)
 DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
 
@@ -47,10 +50,18 @@ def error_line(err: BaseException) -> str | None:
     return None
 
 
+def quiet_other_ranks() -> None:
+    """Under torchrun / accelerate, ranks other than 0 log warnings only (rank 0 speaks)."""
+    if os.environ.get("RANK", "0") not in ("", "0") and "WORLD_SIZE" in os.environ:
+        log.setLevel(logging.WARNING)
+        result_log.setLevel(logging.INFO)
+
+
 def run(cfg: DictConfig) -> int:
     """Evaluate ``cfg``; returns the exit status (errors become one line on stderr)."""
     from recomp_eval.evaluate import evaluate
 
+    quiet_other_ranks()
     try:
         records = evaluate(cfg)
     except KeyboardInterrupt as err:
@@ -65,7 +76,7 @@ def run(cfg: DictConfig) -> int:
         return 2
     for record in records:
         headline = record.metrics.get(record.primary_metric, float("nan"))
-        log.info(
+        result_log.info(
             "%s %s retention=%s: %s=%.4f on %d samples, kept tokens %.1f, prefill %.3g TFLOPs",
             record.benchmark["name"],
             record.method["label"],

@@ -10,6 +10,10 @@ dataset and every method's options are validated before the model is loaded.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -21,10 +25,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from recomp_eval.benchmarks.base import BadSample
 from recomp_eval.methods import BuiltMethod, build_method
-from recomp_eval.metrics.submission import write_configured_submission
-from recomp_eval.records import RunRecord, sample_row, stable_hash, write_json_atomic
-from recomp_eval.run_folder import RunFolder, read_json, run_peak_memory, settle
-from recomp_eval.runner import PendingSample, SampleStore, check_runner_config, run_loop
+from recomp_eval.merge import finish_run
+from recomp_eval.records import RunRecord, environment, sample_row, stable_hash
+from recomp_eval.run_folder import RunFolder, settle
+from recomp_eval.runner import (
+    PendingSample,
+    SampleStore,
+    check_runner_config,
+    load_run_rows,
+    run_loop,
+)
 from recomp_eval.runs import (
     RunSpec,
     content_fingerprints,
@@ -35,7 +45,8 @@ from recomp_eval.runs import (
     run_dir,
     run_identity,
 )
-from recomp_eval.summary import build_record, peak_memory
+from recomp_eval.shards import device_for, owned_ids, samples_file, world_from
+from recomp_eval.summary import peak_memory, record_context
 from recomp_eval.tracking import log_samples, make_tracker
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,22 @@ def check_output_root(cfg: DictConfig) -> None:
             )
 
 
+# overrides that only say how a run is split: the command that finishes a run drops them
+SPLIT_OVERRIDES = ("runner.shard=", "runner.num_shards=", "hydra/launcher=", "hydra.launcher.")
+
+
+def launch_command() -> str | None:
+    """The command line that resumes this evaluation in one process (from Hydra's overrides)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return None
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(SPLIT_OVERRIDES)]
+    return " ".join(["recomp-eval", *map(shlex.quote, kept)])
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -103,7 +130,6 @@ class Evaluation:
             build_method(s.method, retention=s.retention, **s.options) for s in self.specs
         ]
         self.benchmark = build_benchmark(bench_cfg, limit=cfg.get("limit"))
-        len(self.benchmark)  # reads the split: missing data fails before the model loads
         # the composed protocol config (command-line overrides included) for prompts and decoding
         self.protocol_spec = protocol_spec_from_config(
             OmegaConf.to_container(cfg.protocol, resolve=True)
@@ -112,8 +138,11 @@ class Evaluation:
         if cfg.runner.get("max_new_tokens"):  # smoke tests only; part of the run key
             self.settings["max_new_tokens"] = int(cfg.runner.max_new_tokens)
         self.records_dir = Path(cfg.paths.records_dir)
+        self.world = world_from(cfg.runner)
+        self.sample_ids = self.benchmark.sample_ids()  # what the shards split (no image decoded)
+        self.command = launch_command()
         self.contents = self.fingerprint_inputs(bundle)
-        self.bundle = bundle if bundle is not None else load_model(cfg.model)
+        self.bundle = bundle if bundle is not None else load_model(self.model_config())
         self.adapter = self.bundle.adapter
         self.shapes = self.adapter.shapes(self.bundle)
         self.check_model_side()  # template, signals, in-LLM settings: before any vision work
@@ -121,6 +150,13 @@ class Evaluation:
         self.vision_cache = None
         if cfg.runner.get("share_vision"):  # one tower pass per batch across `runs` (opt-in)
             self.vision_cache = self.shared_vision_cache()
+
+    def model_config(self) -> dict[str, Any]:
+        """``model`` with this process's device (``cuda:LOCAL_RANK`` under torchrun)."""
+        model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
+        assert isinstance(model_cfg, dict)
+        model_cfg["device"] = device_for(str(model_cfg.get("device", "cpu")), self.world)
+        return model_cfg
 
     def check_model_side(self) -> None:
         """One-line errors for what only the loaded checkpoint can tell: a chat template that
@@ -191,7 +227,8 @@ class Evaluation:
 
     # --- one run --------------------------------------------------------------------------------
 
-    def pending(self, done: dict[str, Any], too_long: list[BadSample]) -> Iterator[PendingSample]:
+    def pending(self, done: dict[str, Any], too_long: list[BadSample],
+                only: set[str] | None = None) -> Iterator[PendingSample]:  # fmt: skip
         """Samples not yet done whose prompt fits the model's context (others go to ``too_long``).
 
         Rule: text tokens + every visual token of the uncompressed image + ``max_new_tokens``
@@ -204,7 +241,7 @@ class Evaluation:
         patches = self.shapes.patches
         context = self.cfg.runner.get("context_length") or self.shapes.context_length
         budget = int(context) - patches - int(self.settings["max_new_tokens"])
-        for sample in self.benchmark.iterate(skip=done.keys()):
+        for sample in self.benchmark.iterate(skip=done.keys(), only=only):
             text = user_prompt(
                 sample, self.protocol_spec, template=self.bench_cfg["prompt_template"]
             )
@@ -237,7 +274,9 @@ class Evaluation:
             for p, res in zip(batch, results)
         ]
 
-    def run(self, spec: RunSpec, method: BuiltMethod) -> RunRecord:
+    def run(self, spec: RunSpec, method: BuiltMethod) -> RunRecord | None:
+        """Evaluate this process's shard of one run; returns the run's record if this process
+        completed the run (the last shard to finish builds it), else None."""
         retention = effective_retention(spec, method.config)
         identity = self.run_identity(spec, method, retention)
         key = stable_hash(identity)
@@ -245,15 +284,23 @@ class Evaluation:
         document = identity_document(spec.label, identity, key, self.contents, used)
         policy = str(self.cfg.runner.get("on_change") or "new")
         folder, notes = settle(RunFolder(self.run_path(spec, retention, key)), document, policy)
-        with folder.claim(str(self.cfg.runner.get("on_busy") or "exit")):
+        shard = None if self.world.size == 1 else self.world.name
+        with folder.claim(str(self.cfg.runner.get("on_busy") or "exit"), shard=shard):
             if folder.identity() is None:
                 folder.write_identity({**document, "created": _now()})
-            return self._run_in(folder, spec, method, retention, notes)
+            self._run_in(folder, spec, method, retention, notes)
+        record = finish_run(folder)
+        if record is None and self.world.size > 1:
+            log.info("%s of %s done; the last shard to finish writes its results.json (or "
+                     "recomp-eval-merge)", self.world.name, folder.path)  # fmt: skip
+        return record
 
-    def _run_in(self, folder: RunFolder, spec, method, retention, notes) -> RunRecord:
-        document = folder.identity()
-        store = SampleStore(folder.path / "samples.jsonl")
-        done = store.load()
+    def _run_in(self, folder: RunFolder, spec, method, retention, notes) -> None:
+        """Generate this process's pending samples of the run, then write its shard marker."""
+        own = folder.path / samples_file(self.world)
+        store = SampleStore(own)
+        done = load_run_rows(folder.path, own=own)
+        mine = owned_ids(self.sample_ids, self.world)
         if done:
             log.info("resuming %s: %d samples already done", folder.path, len(done))
         device = self.bundle.device
@@ -261,6 +308,9 @@ class Evaluation:
             torch.cuda.reset_peak_memory_stats(device)
         warmup = int(self.cfg.runner.warmup_batches)
         counter = {"batches": 0, "samples": 0}
+        extra = {"rank": self.world.rank, "world_size": self.world.size,
+                 "launcher": self.world.launcher, "device": str(device),
+                 "command": self.command}  # fmt: skip
 
         def gen(batch: list[PendingSample]) -> list[dict[str, Any]]:
             warm = counter["batches"] >= warmup
@@ -270,24 +320,28 @@ class Evaluation:
             return rows
 
         def after_batch() -> None:
-            folder.note_process(self.session, counter["samples"], peak_memory(device))
+            folder.note_process(self.session, counter["samples"], peak_memory(device),
+                                shard=None if self.world.size == 1 else self.world.name,
+                                extra=extra)  # fmt: skip
 
         too_long: list[BadSample] = []
-        total = max(0, len(self.benchmark) - len(done))
+        total = max(0, len(mine - done.keys()))
         desc = (
             f"{self.benchmark.name}:{spec.label}@{'adaptive' if retention is None else retention}"
         )
+        started = time.time()
         try:
             run_loop(
-                self.pending(done, too_long),
+                self.pending(done, too_long, only=mine),
                 gen,
                 store,
                 batch_size=int(self.cfg.runner.batch_size),
                 window=int(self.cfg.runner.sort_window),
                 total=total,
-                desc=desc,
+                desc=desc if self.world.size == 1 else f"{desc} [{self.world.name}]",
                 stop_after=self.cfg.runner.get("stop_after_batches"),
                 after_batch=after_batch,
+                progress=self.world.rank == 0 or self.world.launcher != "torchrun",
             )
         except KeyboardInterrupt:
             saved = len(done) + counter["samples"]
@@ -301,64 +355,72 @@ class Evaluation:
                 "results.json as prompt_too_long), e.g. %s: %s",
                 len(too_long), too_long[0].sample_id, too_long[0].detail,
             )  # fmt: skip
-        rows = list(store.load().values())
-        record = build_record(
-            self, spec, method, retention, document, rows, too_long,
-            run_peak_memory(folder.processes(), peak_memory(device)), notes, folder.path,
-        )  # fmt: skip
-        previous = (folder.path / "results.json").is_file()
-        record.experiments = sorted(set(record.experiments) | self._earlier_experiments(folder))
-        write_json_atomic(folder.path / "results.json", record.to_dict())
-        if (sub := write_configured_submission(self.bench_cfg, rows, folder.path)) is not None:
-            log.info("wrote the EvalAI submission %s", sub)
-        log.info("%s %s", "rewrote" if previous else "wrote", folder.path / "results.json")
-        return record
+        report = self.benchmark.report()
+        reference = None if spec.method == "none" else self.reference_dir()
+        folder.write_marker(self.world.name, {
+            "rank": self.world.rank,
+            "size": self.world.size,
+            "launcher": self.world.launcher,
+            "session": self.session,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(device),
+            "env": environment(str(device)),
+            "n_total": len(self.sample_ids),
+            "n_owned": len(mine),
+            "generated": counter["samples"],
+            "loop_started": started,
+            "loop_ended": time.time(),
+            "too_long": [b.__dict__ for b in too_long],
+            "skipped": list(report.get("skipped", [])),
+            "converted": report.get("n_converted", 0),
+            "peak_memory_mb": peak_memory(device),
+            "context": {**record_context(self, spec, method, retention, notes, reference),
+                        "command": self.command},
+        })  # fmt: skip
 
-    @staticmethod
-    def _earlier_experiments(folder: RunFolder) -> set[str]:
-        earlier = read_json(folder.path / "results.json") or {}
-        return set(earlier.get("experiments") or [])
-
-    def reference_rows(self) -> list[dict[str, Any]]:
-        """Per-sample rows of the uncompressed run of the same setting, when it exists."""
+    def reference_dir(self) -> Path:
+        """The folder of the uncompressed run of the same setting (for loyalty)."""
         ref_spec = RunSpec("none", None, {})
         ref_method = build_method("none")
         identity = self.run_identity(ref_spec, ref_method, None)
-        ref_store = SampleStore(
-            self.run_path(ref_spec, None, stable_hash(identity)) / "samples.jsonl"
-        )
-        return list(ref_store.load().values()) if ref_store.path.exists() else []
+        return self.run_path(ref_spec, None, stable_hash(identity))
 
 
 def evaluate(cfg: DictConfig, bundle: Any = None) -> list[RunRecord]:
-    """Run every configured (method, retention) on one loaded model; returns their records."""
+    """Run every configured (method, retention) on one loaded model; returns the records this
+    process completed (with several shards, the last shard of each run to finish builds its
+    record and logs it to the dashboard: once per run)."""
     evaluation = Evaluation(cfg, bundle)
     records = []
     for spec, method in zip(evaluation.specs, evaluation.methods):
-        identity_cfg = OmegaConf.to_container(cfg, resolve=True)
-        logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
-        tracker = (
-            make_tracker(
-                logger_cfg,  # type: ignore[arg-type]
-                name=f"{evaluation.benchmark.name}-{spec.label}-{spec.retention}",
-                config={**identity_cfg, "run": {**spec.__dict__, "label": spec.label}},  # type: ignore[dict-item]
-                output_dir=Path(cfg.paths.root),
-            )
-            if cfg.logger.get("name", "none") != "none"
-            else make_tracker(None)
-        )
-        with tracker:
-            record = evaluation.run(spec, method)
-            tracker.set_run_key(record.run_key)  # the dashboard run names its results folder
-            tracker.log_metrics(
-                {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
-            )
-            tracker.log_metrics(
-                {
-                    f"{evaluation.benchmark.name}/kept_tokens": record.tokens["mean"],
-                    f"{evaluation.benchmark.name}/prefill_tflops": record.flops["prefill_tflops"],
-                }
-            )
-            log_samples(tracker, evaluation, spec, record, int(cfg.runner.keep_maps))
+        record = evaluation.run(spec, method)
+        if record is None:
+            continue
+        log_run(cfg, evaluation, spec, record)
         records.append(record)
     return records
+
+
+def log_run(cfg: DictConfig, evaluation: Evaluation, spec: RunSpec, record: RunRecord) -> None:
+    """The dashboard entry of a finished run (``logger``; nothing with ``logger=none``)."""
+    if cfg.logger.get("name", "none") == "none":
+        return
+    identity_cfg = OmegaConf.to_container(cfg, resolve=True)
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    tracker = make_tracker(
+        logger_cfg,  # type: ignore[arg-type]
+        name=f"{evaluation.benchmark.name}-{spec.label}-{spec.retention}",
+        config={**identity_cfg, "run": {**spec.__dict__, "label": spec.label}},  # type: ignore[dict-item]
+        output_dir=Path(cfg.paths.root),
+    )
+    with tracker:
+        tracker.set_run_key(record.run_key)  # the dashboard run names its results folder
+        tracker.log_metrics({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
+        tracker.log_metrics(
+            {
+                f"{evaluation.benchmark.name}/kept_tokens": record.tokens["mean"],
+                f"{evaluation.benchmark.name}/prefill_tflops": record.flops["prefill_tflops"],
+            }
+        )
+        log_samples(tracker, evaluation, spec, record, int(cfg.runner.keep_maps))

@@ -58,6 +58,9 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)  # e.g. resumed across a contents change
     # template source, the harness the prompts follow, image-processor class, CLIP pairing check
     protocol_details: dict[str, Any] = field(default_factory=dict)
+    # the processes that evaluated it: world size, launcher, each shard's device; ``timing`` says
+    # whether latencies come from one process or from several sharing the machine
+    world: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     schema: int = SCHEMA_VERSION
 

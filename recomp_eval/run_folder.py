@@ -5,10 +5,20 @@ Files next to ``samples.jsonl`` and ``results.json``:
 * ``.lock``: held (``flock``) by the one process working on the run; a second process with the
   same run exits with one line (``runner.on_busy=exit``, the default) or waits for it
   (``on_busy=wait``). The lock dies with its process, so a killed run never leaves a stale claim.
+  A shard process of a multi-process run (:mod:`recomp_eval.shards`) holds ``.lock`` shared and
+  ``.lock.shard-<r>-of-<W>`` exclusively: the shards of one world run side by side, a second
+  process on the same shard (a resubmitted array task while the old one runs) is refused, and a
+  single process waits for none of them.
+* ``samples.jsonl`` (one process) or ``samples.shard-<r>-of-<W>.jsonl``: per-sample rows; the
+  run's rows are the union of all of them, whatever world sizes wrote them.
+* ``shard-<r>-of-<W>.json``: written when a process has finished its shard (what it skipped,
+  its device, the context the record is built from); a world whose markers are all there
+  completes the run, and the record is built once (under ``.record.lock``).
 * ``identity.json``: the run key, the settings key (the same command on the same paths) and the
   full identity including the checkpoint and data fingerprints, written when the run starts.
-* ``processes.json``: one entry per process that generated samples (pid, host, samples, peak
-  memory), so a resumed run keeps the original process's figures and adds its own.
+* ``processes.json`` (``processes.shard-<r>-of-<W>.json`` for a shard): one entry per process
+  that generated samples (pid, host, samples, peak memory), so a resumed run keeps the original
+  process's figures and adds its own; one file per shard, so shards never race on it.
 * ``superseded.json``: written when a later run of the same settings found different checkpoint
   or data contents; tables skip superseded runs and say so.
 """
@@ -33,6 +43,7 @@ IDENTITY = "identity.json"
 PROCESSES = "processes.json"
 SUPERSEDED = "superseded.json"
 LOCK = ".lock"
+RECORD_LOCK = ".record.lock"
 
 
 class RunBusyError(RuntimeError):
@@ -63,8 +74,10 @@ class RunFolder:
     # --- the claim ------------------------------------------------------------------------------
 
     @contextmanager
-    def claim(self, on_busy: str = "exit", poll_s: float = 2.0) -> Iterator[None]:
-        """Hold the run's lock for the duration of the block.
+    def claim(self, on_busy: str = "exit", shard: str | None = None,
+              poll_s: float = 2.0) -> Iterator[None]:  # fmt: skip
+        """Hold the run's lock (or, with ``shard`` = ``shard-<r>-of-<W>``, the run's lock shared
+        and that shard's lock) for the duration of the block.
 
         ``on_busy``: ``exit`` raises :class:`RunBusyError` when another process holds it;
         ``wait`` blocks until it is free (a log line says whom it waits for).
@@ -72,45 +85,101 @@ class RunFolder:
         if on_busy not in ("exit", "wait"):
             raise ValueError(f"runner.on_busy={on_busy!r}; use exit or wait")
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - closed in finally
+        handles = []
         try:
-            waited = False
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as err:
-                    if err.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    holder = self._holder()
-                    if on_busy == "exit":
-                        raise RunBusyError(
-                            f"another process ({holder}) is working on the same run in "
-                            f"{self.path}; wait for it to finish (or stop it) and rerun the same "
-                            f"command to resume, or pass runner.on_busy=wait to queue behind it"
-                        ) from None
-                    if not waited:
-                        import logging
-
-                        logging.getLogger(__name__).warning(
-                            "waiting for %s to finish the same run in %s", holder, self.path
-                        )
-                        waited = True
-                    time.sleep(poll_s)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "since": _now()}))  # fmt: skip
-            handle.flush()
+            if shard is None:
+                handles.append(self._lock(LOCK, fcntl.LOCK_EX, on_busy, poll_s, "the same run"))
+            else:
+                handles.append(self._lock(LOCK, fcntl.LOCK_SH, on_busy, poll_s, "the same run"))
+                handles.append(self._lock(f"{LOCK}.{shard}", fcntl.LOCK_EX, on_busy, poll_s,
+                                          f"{shard} of the same run"))  # fmt: skip
+            mine = handles[-1]
+            mine.seek(0)
+            mine.truncate()
+            mine.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "since": _now()}))  # fmt: skip
+            mine.flush()
             yield
         finally:
-            handle.close()  # releases the lock
+            for handle in reversed(handles):
+                handle.close()  # releases the lock
 
-    def _holder(self) -> str:
-        info = read_json(self.path / LOCK) or {}
-        if not info:
+    def _lock(self, name: str, mode: int, on_busy: str, poll_s: float, what: str) -> Any:
+        handle = open(self.path / name, "a+")  # noqa: SIM115 - closed by claim()
+        waited = False
+        while True:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+                return handle
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    handle.close()
+                    raise
+                holder = self._holder(name)
+                if on_busy == "exit":
+                    handle.close()
+                    raise RunBusyError(
+                        f"another process ({holder}) is working on {what} in "
+                        f"{self.path}; wait for it to finish (or stop it) and rerun the same "
+                        f"command to resume, or pass runner.on_busy=wait to queue behind it"
+                    ) from None
+                if not waited:
+                    import logging
+
+                    logging.getLogger(__name__).warning(
+                        "waiting for %s to finish %s in %s", holder, what, self.path
+                    )
+                    waited = True
+                time.sleep(poll_s)
+
+    def _holder(self, name: str = LOCK) -> str:
+        """Who holds lock file ``name``; for the run's lock, shard holders count too."""
+        infos = [read_json(self.path / name) or {}]
+        if name == LOCK:
+            infos += [read_json(p) or {} for p in sorted(self.path.glob(f"{LOCK}.shard-*"))]
+        held = [i for i in infos if i]
+        if not held:
             return "unknown pid"
-        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+        return ", ".join(f"pid {i.get('pid')} on {i.get('host')} since {i.get('since')}"
+                         for i in held)  # fmt: skip
+
+    @contextmanager
+    def building(self) -> Iterator[None]:
+        """Held while the run's record is built, so that two shards finishing together build
+        (and log) it once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / RECORD_LOCK, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    # --- shard markers --------------------------------------------------------------------------
+
+    def write_marker(self, name: str, document: dict[str, Any]) -> None:
+        """``<name>.json`` (``shard-<r>-of-<W>``): this shard of the run is complete."""
+        write_json_atomic(self.path / f"{name}.json", {**document, "finished": _now()})
+
+    def markers(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """(rank, size) -> marker document of every finished shard, at any world size."""
+        out = {}
+        for path in self.path.glob("shard-*-of-*.json"):
+            doc = read_json(path)
+            if doc is not None:
+                out[(int(doc["rank"]), int(doc["size"]))] = doc
+        return out
+
+    def complete_world(self) -> list[dict[str, Any]] | None:
+        """The markers of a world size all of whose shards finished (the most recently
+        finished such world), rank order; None while no world is complete."""
+        markers = self.markers()
+        sizes = {size for _, size in markers}
+        complete = [
+            [markers[(r, size)] for r in range(size)]
+            for size in sizes
+            if all((r, size) in markers for r in range(size))
+        ]
+        if not complete:
+            return None
+        return max(complete, key=lambda docs: max(d["finished"] for d in docs))
 
     # --- identity -------------------------------------------------------------------------------
 
@@ -149,25 +218,33 @@ class RunFolder:
 
     # --- processes ------------------------------------------------------------------------------
 
-    def note_process(self, session: str, samples: int, peak_memory: dict[str, Any]) -> None:
+    def note_process(self, session: str, samples: int, peak_memory: dict[str, Any],
+                     shard: str | None = None, extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         """Create or update this session's entry (call after each batch it generated).
 
         ``session``: unique per evaluation in a process (two evaluations of one process that
         work on the same run, e.g. a crash and its resume in a test, get separate entries).
+        ``shard``: ``shard-<r>-of-<W>`` for a shard process (its own file); ``extra``: more
+        fields of the entry (rank, world size, device).
         """
-        entries = read_json(self.path / PROCESSES) or []
+        name = PROCESSES if shard is None else f"processes.{shard}.json"
+        entries = read_json(self.path / name) or []
         me = {"pid": os.getpid(), "host": socket.gethostname(), "session": session}
         for entry in entries:
             if all(entry.get(k) == v for k, v in me.items()):
                 entry.update(samples=samples, peak_memory_mb=peak_memory, updated=_now())
                 break
         else:
-            entries.append({**me, "started": _now(), "samples": samples,
+            entries.append({**me, **(extra or {}), "started": _now(), "samples": samples,
                             "peak_memory_mb": peak_memory, "updated": _now()})  # fmt: skip
-        write_json_atomic(self.path / PROCESSES, entries)
+        write_json_atomic(self.path / name, entries)
 
     def processes(self) -> list[dict[str, Any]]:
-        return read_json(self.path / PROCESSES) or []
+        """Every process entry of the run (all shard files), in the order they started."""
+        entries = list(read_json(self.path / PROCESSES) or [])
+        for path in sorted(self.path.glob("processes.shard-*.json")):
+            entries += read_json(path) or []
+        return sorted(entries, key=lambda e: e.get("started", ""))
 
 
 def run_peak_memory(entries: list[dict[str, Any]], current: dict[str, Any]) -> dict[str, Any]:

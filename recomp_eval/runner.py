@@ -29,8 +29,9 @@ class SampleStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def load(self) -> dict[str, dict[str, Any]]:
-        """Records written so far; a torn trailing line is truncated away."""
+    def load(self, repair: bool = True) -> dict[str, dict[str, Any]]:
+        """Records written so far; a torn trailing line is truncated away (``repair``) or, in a
+        file another live process may still append to, just not read (``repair=False``)."""
         if not self.path.exists():
             return {}
         records: dict[str, dict[str, Any]] = {}
@@ -45,7 +46,7 @@ class SampleStore:
                     break
                 records[row["sample_id"]] = row
                 good_bytes += len(line)
-        if good_bytes != self.path.stat().st_size:
+        if good_bytes != self.path.stat().st_size and repair:
             log.warning("cutting a torn record at the end of %s", self.path)
             with open(self.path, "r+b") as handle:
                 handle.truncate(good_bytes)
@@ -62,6 +63,19 @@ class SampleStore:
                 os.fsync(handle.fileno())
         except OSError as err:  # name the file (a failed write() carries no file name)
             raise OSError(err.errno, err.strerror, str(self.path)) from None
+
+
+def load_run_rows(folder: Path, own: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every per-sample row of a run folder, by sample id in sorted order: the union of its
+    ``samples*.jsonl`` files (one per process that worked on it, at any world size). The order
+    is canonical, so that whatever split a run (world size, resumes, batch order) its record and
+    bootstrap intervals are the same. Only ``own`` (this process's file) is repaired; the others
+    are read as they are (another process may be appending to them)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(folder).glob("samples*.jsonl")):
+        for sample_id, row in SampleStore(path).load(repair=path == own).items():
+            rows.setdefault(sample_id, row)
+    return {sample_id: rows[sample_id] for sample_id in sorted(rows)}
 
 
 @dataclass
@@ -114,15 +128,18 @@ def run_loop(
     desc: str = "eval",
     stop_after: int | None = None,
     after_batch: Callable[[], None] | None = None,
+    progress: bool = True,
 ) -> int:
     """Generate every pending sample in batches and append their records; returns the count.
 
-    ``after_batch`` runs after each batch is stored (progress bookkeeping). ``stop_after``
+    ``after_batch`` runs after each batch is stored (progress bookkeeping); ``progress=False``
+    hides the bar (torchrun ranks other than 0). ``stop_after``
     (batches) exists for crash tests: the loop raises after that many batches.
     """
     done = 0
     started = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, mininterval=1.0,
+               disable=not progress)  # fmt: skip
     try:
         for n_batch, batch in enumerate(sorted_batches(pending, batch_size, window)):
             if stop_after is not None and n_batch >= stop_after:
@@ -154,6 +171,8 @@ RUNNER_MINIMA = {  # key -> smallest allowed value (null allowed where the defau
     "max_new_tokens": 1,
     "stop_after_batches": 0,
     "context_length": 1,
+    "shard": 0,
+    "num_shards": 1,
 }
 RUNNER_REQUIRED = ("batch_size", "sort_window", "warmup_batches", "keep_maps")
 

@@ -118,78 +118,36 @@ def slice_metrics(
     return out
 
 
-def build_record(
-    evaluation: Any,
-    spec: Any,
-    method: BuiltMethod,
-    retention: float | None,
-    document: dict[str, Any],
-    rows: list[dict[str, Any]],
-    too_long: list[Any],
-    memory: dict[str, Any],
-    notes: list[str],
-    run_dir: Path,
-) -> Any:
-    """The :class:`~recomp_eval.records.RunRecord` of a finished run.
+def record_context(evaluation: Any, spec: Any, method: BuiltMethod, retention: float | None,
+                   notes: list[str], reference_dir: Path | None) -> dict[str, Any]:  # fmt: skip
+    """What the record needs of the live evaluation, as JSON: each shard's marker carries it, so
+    that the record can be built from the run folder alone (by the last shard to finish, or by
+    ``recomp-eval-merge`` without loading a model).
 
     Args:
         evaluation: the :class:`~recomp_eval.evaluate.Evaluation` (config, bundle, benchmark).
         spec, method, retention: the run (``retention``: the effective one, None = adaptive).
-        document: the run folder's identity document (``identity.json``).
-        rows: every per-sample row of the run.
-        too_long: samples skipped because their prompt does not fit the context.
-        memory: the run's peak memory over the processes that generated it.
         notes: remarks for the record (e.g. resumed across a contents change).
-        run_dir: the run folder.
+        reference_dir: the folder of the uncompressed run of the same setting (loyalty).
     """
+    from dataclasses import asdict
+
     from omegaconf import OmegaConf
 
-    from recomp_eval.benchmarks.specs import benchmark_spec_from_config
-    from recomp_eval.metrics import score
-    from recomp_eval.records import RunRecord, environment
-
-    cfg, bench_cfg, protocol = evaluation.cfg, evaluation.bench_cfg, evaluation.protocol
-    bench = evaluation.benchmark.name
-    scoring = benchmark_spec_from_config(bench_cfg).scoring  # metrics, pipeline, primary (YAML)
-    metric_names = list(scoring.metrics_for(protocol))
+    cfg, bench_cfg = evaluation.cfg, evaluation.bench_cfg
     report = evaluation.benchmark.report()
-    skipped = list(report.get("skipped", [])) + [b.__dict__ for b in too_long]
-    if not rows:
-        reasons = sorted({s["reason"] for s in skipped})
-        raise ValueError(
-            f"no sample of {bench} was evaluated: {len(skipped)} skipped ("
-            f"{', '.join(reasons) or 'none selected'}); check the data, benchmark.limit/filters "
-            f"and runner.context_length"
-        )
-    metrics = score(bench, rows, protocol, metrics=metric_names)
-    if spec.method != "none":
-        reference = evaluation.reference_rows()
-        if reference:
-            from recomp_eval.metrics.loyalty import loyalty_metrics
-
-            metrics.update(loyalty_metrics(rows, reference, bench, protocol,
-                                           answer_pipeline=scoring.pipeline_for(protocol),
-                                           metrics=metric_names))  # fmt: skip
-    primary = primary_metric_key(metrics, bench, protocol, primary=scoring.primary_for(protocol),
-                                 metric_names=metric_names)  # fmt: skip
-    data_dir = bench_cfg.get("data_dir")
-    metrics.update(slice_metrics(rows, bench, protocol, primary, metric_names, data_dir))
-    kept = [float(r["kept_tokens"]) for r in rows]
-    device = evaluation.bundle.device
-    prompt = next((r["prompt"] for r in rows if r.get("prompt")), None)
-    identity = document["identity"]
     limited = cfg.get("limit") if cfg.get("limit") is not None else bench_cfg.get("limit")
-    return RunRecord(
-        run_key=document["run_key"],
-        model={"name": str(cfg.model.name), "id": str(cfg.model.id), "dtype": str(cfg.model.dtype)},
-        benchmark={
-            "name": bench,
+    return {
+        "model": {"name": str(cfg.model.name), "id": str(cfg.model.id), "dtype": str(cfg.model.dtype)},
+        "benchmark": {
+            "name": evaluation.benchmark.name,
             "version": evaluation.benchmark.version,
             "source": report.get("source"),
             "split": bench_cfg.get("split"),
         },
-        protocol=protocol,
-        method={
+        "bench_cfg": bench_cfg,
+        "protocol": evaluation.protocol,
+        "method": {
             "name": spec.method,
             "label": spec.label,
             "retention": retention,
@@ -197,40 +155,146 @@ def build_record(
             "options": spec.options,
             "config": method.config,
         },
+        "spec_retention": spec.retention,
+        "shapes": asdict(evaluation.shapes),
+        "reference_dir": None if reference_dir is None else str(reference_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "fingerprint_mode": str(cfg.runner.get("fingerprint") or "quick"),
+        "limit": limited,
+        "experiment": str(cfg.experiment_name) if cfg.get("experiment_name") else None,
+        "notes": list(notes),
+        "protocol_details": evaluation.protocol_details(),
+    }
+
+
+def _shapes(doc: dict[str, Any]) -> Any:
+    from recomp_eval.efficiency.flops import DecoderShape
+    from recomp_eval.models.base import ModelShapes
+
+    return ModelShapes(**{**doc, "grid": tuple(doc["grid"]),
+                          "decoder": DecoderShape(**doc["decoder"])})  # fmt: skip
+
+
+def timing_note(world: dict[str, Any]) -> str:
+    """``one process`` or ``multi-process`` (latencies measured while other processes of the
+    run shared the machine: not a single-process latency)."""
+    return "multi-process" if any(s > 1 for s in world.get("sizes", [1])) else "one process"
+
+
+def build_record(
+    shards: list[dict[str, Any]],
+    document: dict[str, Any],
+    rows: list[dict[str, Any]],
+    processes: list[dict[str, Any]],
+    reference: list[dict[str, Any]],
+    run_dir: Path,
+) -> Any:
+    """The :class:`~recomp_eval.records.RunRecord` of a run whose shards are all finished.
+
+    Args:
+        shards: the markers of one complete world, rank order (each holds the record context
+            of :func:`record_context`, what its process skipped and its device).
+        document: the run folder's identity document (``identity.json``).
+        rows: every per-sample row of the run (all its sample files).
+        processes: every process entry of the run (peak memory, world size).
+        reference: the rows of the uncompressed run of the same setting (may be empty).
+        run_dir: the run folder.
+    """
+    from recomp_eval.benchmarks.specs import benchmark_spec_from_config
+    from recomp_eval.methods import build_method
+    from recomp_eval.metrics import score
+    from recomp_eval.records import RunRecord
+    from recomp_eval.run_folder import run_peak_memory
+
+    context = shards[0]["context"]
+    bench_cfg, protocol = context["bench_cfg"], context["protocol"]
+    bench = context["benchmark"]["name"]
+    scoring = benchmark_spec_from_config(bench_cfg).scoring  # metrics, pipeline, primary (YAML)
+    metric_names = list(scoring.metrics_for(protocol))
+    by_id = lambda b: b["sample_id"]  # noqa: E731 - one order whatever the world size
+    too_long = sorted((t for m in shards for t in m["too_long"]), key=by_id)
+    skipped = sorted((b for m in shards for b in m["skipped"]), key=by_id) + too_long
+    if not rows:
+        reasons = sorted({s["reason"] for s in skipped})
+        raise ValueError(
+            f"no sample of {bench} was evaluated: {len(skipped)} skipped ("
+            f"{', '.join(reasons) or 'none selected'}); check the data, benchmark.limit/filters "
+            f"and runner.context_length"
+        )
+    missing = int(shards[0]["n_total"]) - len(rows) - len(skipped)
+    if missing > 0:
+        raise ValueError(
+            f"{run_dir}: every shard is marked finished but {missing} samples have no answer; "
+            f"delete the shard-*.json markers and rerun the same command to finish them"
+        )
+    metrics = score(bench, rows, protocol, metrics=metric_names)
+    if context["method"]["name"] != "none" and reference:
+        from recomp_eval.metrics.loyalty import loyalty_metrics
+
+        metrics.update(loyalty_metrics(rows, reference, bench, protocol,
+                                       answer_pipeline=scoring.pipeline_for(protocol),
+                                       metrics=metric_names))  # fmt: skip
+    primary = primary_metric_key(metrics, bench, protocol, primary=scoring.primary_for(protocol),
+                                 metric_names=metric_names)  # fmt: skip
+    metrics.update(slice_metrics(rows, bench, protocol, primary, metric_names,
+                                 bench_cfg.get("data_dir")))  # fmt: skip
+    kept = [float(r["kept_tokens"]) for r in rows]
+    method_doc = context["method"]
+    method = build_method(method_doc["name"], retention=context["spec_retention"],
+                          **method_doc["options"])  # fmt: skip
+    prompt = next((r["prompt"] for r in rows if r.get("prompt")), None)
+    identity = document["identity"]
+    devices = [m["device"] for m in shards]
+    world = {
+        "size": len(shards),
+        "launcher": shards[0]["launcher"],
+        "sizes": sorted({int(p.get("world_size", 1)) for p in processes} | {len(shards)}),
+        "shards": [{k: m.get(k) for k in ("rank", "device", "host", "pid", "session",
+                                          "generated", "finished")} for m in shards],  # fmt: skip
+    }
+    world["timing"] = timing_note(world)
+    experiments = {m["context"]["experiment"] for m in shards} - {None}
+    return RunRecord(
+        run_key=document["run_key"],
+        model=context["model"],
+        benchmark=context["benchmark"],
+        protocol=protocol,
+        method=method_doc,
         metrics=metrics,
         primary_metric=primary,
         tokens={
             "mean": statistics.fmean(kept) if kept else float("nan"),
             "min": min(kept, default=float("nan")),
             "max": max(kept, default=float("nan")),
-            "requested_retention": retention,
+            "requested_retention": method_doc["retention"],
         },
         latency_ms=latency_summary(rows),
-        flops=flops_summary(evaluation.shapes, method, rows),
+        flops=flops_summary(_shapes(context["shapes"]), method, rows),
         samples={
             "evaluated": len(rows),
             "total": len(rows) + len(skipped),
             "skipped": len(skipped),
             "skipped_ids": skipped,
             "prompt_too_long": len(too_long),
-            "converted": report.get("n_converted", 0),
+            "converted": sum(int(m["converted"]) for m in shards),
             "first_prompt": prompt,
         },
-        reportable=limited is None and device.type == "cuda",
-        peak_memory_mb=memory,
-        env=environment(str(device)),
-        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        reportable=context["limit"] is None and all(d.startswith("cuda") for d in devices),
+        peak_memory_mb=run_peak_memory(processes, shards[0]["peak_memory_mb"]),
+        env=shards[0]["env"],
+        config=context["config"],
         run_dir=str(run_dir),
         identity={
             "settings_key": document["settings_key"],
             "context_key": document["context_key"],
             "pairing_key": document["pairing_key"],
             "contents": identity["contents"],
-            "fingerprint_mode": str(cfg.runner.get("fingerprint") or "quick"),
-            "limit": limited,
+            "fingerprint_mode": context["fingerprint_mode"],
+            "limit": context["limit"],
             "revision": identity["revision"],
         },
-        experiments=[str(cfg.experiment_name)] if cfg.get("experiment_name") else [],
-        notes=list(notes),
-        protocol_details=evaluation.protocol_details(),
+        experiments=sorted(experiments),
+        notes=sorted({n for m in shards for n in m["context"]["notes"]}),
+        protocol_details=context["protocol_details"],
+        world=world,
     )

@@ -269,9 +269,9 @@ def log_samples(tracker: Any, evaluation: Any, spec: Any, record: Any, n: int) -
     import matplotlib.pyplot as plt
 
     from recomp_eval import keepmap
-    from recomp_eval.runner import SampleStore
+    from recomp_eval.runner import load_run_rows
 
-    rows_by_id = SampleStore(Path(record.run_dir) / "samples.jsonl").load()
+    rows_by_id = load_run_rows(Path(record.run_dir))
     grid = evaluation.shapes.grid  # (rows, cols) of the family's patch grid
     table = []
     for sample in evaluation.benchmark:

@@ -16,18 +16,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from recomp_eval.runner import SampleStore
+from recomp_eval.runner import load_run_rows
 
 FIELDS = ("prediction", "kept_tokens", "keep_map", "new_tokens", "text_tokens")
 
 
 def runs(root: Path, with_keys: bool = False) -> dict[str, Path]:
     """Run folder path (relative, the trailing ``-<run key>`` dropped unless ``with_keys``) ->
-    its ``samples.jsonl``."""
+    the folder (its rows: every ``samples*.jsonl``, whatever world size wrote them)."""
     out = {}
-    for path in sorted(root.rglob("samples.jsonl")):
-        rel = str(path.parent.relative_to(root))
-        out[rel if with_keys else rel.rsplit("-", 1)[0]] = path
+    for folder in sorted({p.parent for p in root.rglob("samples*.jsonl")}):
+        rel = str(folder.relative_to(root))
+        out[rel if with_keys else rel.rsplit("-", 1)[0]] = folder
     return out
 
 
@@ -37,7 +37,7 @@ def compare(before: Path, after: Path, same_keys: bool = False) -> list[str]:
     problems = [f"only in {before}: {k}" for k in sorted(a.keys() - b.keys())]
     problems += [f"only in {after}: {k}" for k in sorted(b.keys() - a.keys())]
     for key in sorted(a.keys() & b.keys()):
-        rows_a, rows_b = SampleStore(a[key]).load(), SampleStore(b[key]).load()
+        rows_a, rows_b = load_run_rows(a[key]), load_run_rows(b[key])
         if rows_a.keys() != rows_b.keys():
             problems.append(f"{key}: different samples ({len(rows_a)} vs {len(rows_b)})")
             continue

@@ -68,6 +68,10 @@ class Benchmark(Protocol):
     def report(self) -> dict[str, Any]: ...
 
 
+def _no_image() -> Image.Image:
+    raise RuntimeError("sample_ids() builds samples without images")
+
+
 class HubBenchmark:
     """Shared loader; subclasses set ``name`` and implement :meth:`make_sample`.
 
@@ -207,9 +211,21 @@ class HubBenchmark:
     def __iter__(self) -> Iterator[Sample]:
         return self.iterate()
 
-    def iterate(self, skip: Collection[str] = ()) -> Iterator[Sample]:
-        """Samples in order; ids in ``skip`` (already done on resume) are passed over before
-        their image is decoded or screened."""
+    def sample_ids(self) -> list[str]:
+        """The ids of the selected rows, in order (no image is decoded): what a run shards."""
+        self._ensure_loaded()
+        ids = []
+        for index in self._indices:
+            sample = self.make_sample(index, self._text[index], _no_image)
+            ids.append(sample.sample_id)
+        return ids
+
+    def iterate(
+        self, skip: Collection[str] = (), only: Collection[str] | None = None
+    ) -> Iterator[Sample]:
+        """Samples in order; ids in ``skip`` (already done on resume) or not in ``only`` (another
+        process's shard) are passed over before their image is decoded or screened, so
+        ``report()`` then covers this process's samples."""
         self._ensure_loaded()
         self.bad, self.converted = [], {}
         seen: set[str] = set()
@@ -221,7 +237,7 @@ class HubBenchmark:
             if sample.sample_id in seen:
                 raise ValueError(f"{self.name}: duplicate sample_id {sample.sample_id!r}")
             seen.add(sample.sample_id)
-            if sample.sample_id in skip:
+            if sample.sample_id in skip or (only is not None and sample.sample_id not in only):
                 continue
             reason = self._screen(sample)
             if reason is not None:

@@ -80,11 +80,21 @@ def load_model(model_cfg: Any) -> ModelBundle:
 
     cfg = dict(model_cfg)
     adapter = get_adapter(str(cfg.get("family") or DEFAULT_FAMILY))
+    from recomp_eval.shards import launched_world_size
+
     device = cfg.get("device", "cpu")
+    device_map = cfg.get("device_map")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(
             f"model.device={device} but CUDA is not available; pass model.device=cpu "
             f"(and model.dtype=float32 or bfloat16 on CPU)"
+        )
+    if device_map is not None and launched_world_size() > 1:
+        raise ValueError(
+            f"model.device_map={device_map} spreads one model over every GPU it sees, but this "
+            f"is one of {launched_world_size()} torchrun/accelerate processes; run it as a single "
+            f"process (python -m recomp_eval ... model.device_map={device_map}), or drop "
+            f"model.device_map to run one whole model per GPU"
         )
     return adapter.load(
         adapter.resolve(str(cfg["id"])),
@@ -92,4 +102,5 @@ def load_model(model_cfg: Any) -> ModelBundle:
         device=device,
         attn_implementation=cfg.get("attn_implementation", "sdpa"),
         clip_text_id=cfg.get("clip_text_id"),
+        **({} if device_map is None else {"device_map": device_map}),
     )

@@ -137,6 +137,7 @@ class ModelAdapter(Protocol):
         device: str | torch.device,
         attn_implementation: str,
         clip_text_id: str | None,
+        device_map: str | dict[str, Any] | None = None,  # `auto`: one model over several GPUs
     ) -> ModelBundle: ...
 
     def render_prompt(self, bundle: ModelBundle, protocol: str, user_text: str) -> str:

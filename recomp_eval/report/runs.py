@@ -20,7 +20,7 @@ from typing import Any
 
 from recomp_eval.records import SCHEMA_VERSION
 from recomp_eval.run_folder import SUPERSEDED
-from recomp_eval.runner import SampleStore
+from recomp_eval.runner import load_run_rows
 
 
 class TableInputError(ValueError):
@@ -91,13 +91,12 @@ class Run:
 
     @cached_property
     def rows(self) -> list[dict[str, Any]]:
-        path = self.folder / "samples.jsonl"
-        if not path.is_file():
+        if not any(self.folder.glob("samples*.jsonl")):
             raise TableInputError(
                 f"{self.folder} has results.json but no samples.jsonl; the per-sample answers "
                 f"are needed for paired comparisons: copy the whole run folder"
             )
-        return list(SampleStore(path).load().values())
+        return list(load_run_rows(self.folder).values())
 
 
 @dataclass

@@ -273,11 +273,13 @@ class LlavaAdapter:
         in_repo = CONFIG_DIR.parent / path
         return str(in_repo) if in_repo.exists() else model_id
 
-    def load(self, model_id, dtype, device, attn_implementation, clip_text_id) -> ModelBundle:
+    def load(self, model_id, dtype, device, attn_implementation, clip_text_id,
+             device_map=None) -> ModelBundle:  # fmt: skip
         from recomp_eval.models.llava.loader import load_llava
 
         return load_llava(model_id, dtype=dtype, device=device,
-                          attn_implementation=attn_implementation, clip_text_id=clip_text_id)  # fmt: skip
+                          attn_implementation=attn_implementation, clip_text_id=clip_text_id,
+                          device_map=device_map)  # fmt: skip
 
     def render_prompt(self, bundle: ModelBundle, protocol: str, user_text: str) -> str:
         from recomp_eval.models.llava.conversation import render_prompt

@@ -193,12 +193,25 @@ def _quiet_load(*logger_names: str, progress: bool = True) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def without_launch_env() -> Iterator[None]:
+    """Hide torchrun/accelerate's RANK, WORLD_SIZE, ... from the environment for the block."""
+    from recomp_eval.shards import DISTRIBUTED_VARS
+
+    saved = {k: os.environ.pop(k) for k in DISTRIBUTED_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def load_llava(
     model_id: str,
     dtype: str | torch.dtype = "float16",
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     clip_text_id: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> ModelBundle:
     """Load a ``LlavaForConditionalGeneration`` checkpoint with its tokenizer and processor.
 
@@ -209,20 +222,30 @@ def load_llava(
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
         clip_text_id: CLIP repo for the text tower; default: the folder's ``clip/`` sub-folder
             if present (tiny fixture), else :data:`DEFAULT_CLIP_TEXT_ID`.
+        device_map: ``auto`` (or an accelerate map) spreads a model larger than one GPU over
+            the visible GPUs in this one process; inputs then go where the embeddings live.
     """
     from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     torch_dtype = resolve_dtype(dtype)
     if (folder := _local_folder(model_id)) is not None:
         check_checkpoint_folder(folder)
-    with _quiet_load(*_TP_LOGGERS):  # keeps the one "Loading weights" bar of the main load
+    placement = {} if device_map is None else {"device_map": device_map}
+    # launcher variables (torchrun's WORLD_SIZE) hidden: transformers must not switch to tensor
+    # parallelism because of them; each process loads its own whole model
+    with _quiet_load(*_TP_LOGGERS), without_launch_env():
         model = _from_pretrained(
             LlavaForConditionalGeneration,
             model_id,
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
+            **placement,
         )
-    model = model.to(device).eval()
+    if device_map is None:
+        model = model.to(device)
+    else:  # inputs go to the device of the embeddings (accelerate moves the rest)
+        device = model.get_input_embeddings().weight.device
+    model = model.eval()
     processor = _from_pretrained(AutoProcessor, model_id)
     auto_class = type(processor.image_processor).__name__
     processor.image_processor = load_image_processor(model_id)

@@ -1,0 +1,116 @@
+"""Data-parallel throughput: samples/s of 1 vs N torchrun processes on the same evaluation.
+
+Each world size runs the same command in a fresh results folder (nothing resumes) through
+``torchrun --nproc-per-node N -m recomp_eval``. Throughput is the run's samples over the span
+from the first process starting its generation loop to the last one ending it (from the shard
+markers, so model loading is not counted; the end-to-end wall time is reported next to it). On
+CPU every process gets one thread (``OMP_NUM_THREADS=1``, ``runner.torch_threads=1``), so N
+processes use N cores. Default: the demo setting (synth-llava on SynthVQA-GQA, the first 150
+questions, no compression and RC at 10%). Target on a 2-core CPU: 2 processes >= 1.7x one.
+
+    python scripts/bench_scaling.py                      # CPU: 1 vs 2 processes
+    python scripts/bench_scaling.py --nprocs 1 2 4 8 --device cuda --model llava15_7b \\
+        --data /data/gqa --limit 2000                    # a GPU node: one GPU per process
+
+Writes ``<out>/scaling.json`` and ``<out>/scaling.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = "runs=[{method: none},{method: recomp, retention: 0.1, options: {variant: official}}]"
+
+
+def run_world(nproc: int, args: argparse.Namespace, work: Path) -> dict:
+    """One launch at world size ``nproc``; its throughput from the shard markers."""
+    out = work / f"world{nproc}"
+    shutil.rmtree(out, ignore_errors=True)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [
+        str(torchrun), "--nproc-per-node", str(nproc), "-m", "recomp_eval",
+        f"model={args.model}", f"model.device={args.device}", f"benchmark={args.benchmark}",
+        f"benchmark.data_dir={args.data}", f"benchmark.limit={args.limit}",
+        "benchmark.limit_seed=0", f"runner.batch_size={args.batch_size}", f"paths.root={out}",
+        RUNS,
+    ]  # fmt: skip
+    if args.device == "cpu":
+        command.append(f"runner.torch_threads={args.threads}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"world size {nproc} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    markers = [json.loads(p.read_text()) for p in (out / "raw").rglob("shard-*-of-*.json")]
+    if len(markers) != 2 * nproc:
+        sys.exit(f"world size {nproc}: expected {2 * nproc} shard markers, found {len(markers)}")
+    samples = sum(m["generated"] for m in markers)
+    span = max(m["loop_ended"] for m in markers) - min(m["loop_started"] for m in markers)
+    return {
+        "nproc": nproc,
+        "samples": samples,
+        "generation_s": span,
+        "samples_per_s": samples / span,
+        "wall_s": wall,
+        "devices": sorted({m["device"] for m in markers}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--model", default="synth_llava")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--benchmark", default="gqa")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="benchmark data folder (default: SynthVQA, written when missing)")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "scaling")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        from recomp_eval.synth.writers import write_benchmark
+
+        synth = args.out / "synth"
+        args.data = synth / args.benchmark
+        if not (args.data / "manifest.json").exists():
+            write_benchmark(args.benchmark, synth)
+    results = [run_world(n, args, args.out) for n in args.nprocs]
+    base = results[0]["samples_per_s"]
+    for r in results:
+        r["speedup"] = r["samples_per_s"] / base
+    report = {
+        "setting": {k: str(v) for k, v in vars(args).items()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": results,
+    }
+    (args.out / "scaling.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"Data-parallel throughput, {args.model} on {args.benchmark} ({args.limit} questions x "
+        f"2 runs: none and RC official at 10%), batch {args.batch_size}, device {args.device}"
+        + (f", {args.threads} thread(s) per process" if args.device == "cpu" else "") + ".",
+        "",
+        "| processes | samples | generation s | samples/s | speed-up | end-to-end s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(f"| {r['nproc']} | {r['samples']} | {r['generation_s']:.1f} | "
+                     f"{r['samples_per_s']:.2f} | {r['speedup']:.2f}x | {r['wall_s']:.1f} |")  # fmt: skip
+    (args.out / "scaling.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
