@@ -16,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help eval demo-docs install lint format test test-all test-gpu bench tables sweep fixtures clean
+.PHONY: help eval eval-dp demo-docs install lint format test test-all test-gpu bench tables sweep fixtures clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -73,6 +73,16 @@ test-gpu: $(VENV)/.installed-dev ## run the GPU smoke tests (needs CUDA)
 bench: $(VENV)/.installed ## compression benchmark (JSON + markdown under results/bench)
 	$(PY) scripts/bench_compression.py $(ARGS)
 
+# Data-parallel: NPROC torchrun processes (one device each, cuda:LOCAL_RANK on GPUs). Default: the
+# demo into $(DP_ROOT), one CPU thread per process; ARGS adds or overrides Hydra settings.
+NPROC ?= 2
+DP_THREADS ?= 1
+DP_ROOT ?= results/demo-dp
+eval-dp: $(VENV)/.installed ## the demo with NPROC processes (torchrun), e.g. make eval-dp NPROC=2
+	$(PY) scripts/make_synth.py --out $(DP_ROOT)/synth --skip-existing
+	OMP_NUM_THREADS=$(DP_THREADS) $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recomp_eval -m experiment=synth_demo benchmark=$(DEMO_BENCHMARKS) paths.root=$(DP_ROOT) runner.torch_threads=$(DP_THREADS) $(ARGS)
+	$(VENV)/bin/recomp-eval-tables --root $(DP_ROOT)/raw --experiment synth_demo --out $(DP_ROOT)/tables
+
 eval-%: $(VENV)/.installed ## evaluate one benchmark, e.g. make eval-gqa ARGS="method=recomp retention=0.1"
 	$(VENV)/bin/recomp-eval benchmark=$* $(ARGS)
 
@@ -83,7 +93,8 @@ sweep: $(VENV)/.installed ## multirun: methods x retention ratios (SWEEP_METHODS
 
 TABLES_ROOT ?= results/raw
 TABLES_OUT ?= results/tables
-tables: $(VENV)/.installed ## tables and plots from the runs under TABLES_ROOT (default results/raw)
+tables: $(VENV)/.installed ## merge finished shards, then tables and plots from TABLES_ROOT (default results/raw)
+	$(VENV)/bin/recomp-eval-merge --root $(TABLES_ROOT)
 	$(VENV)/bin/recomp-eval-tables --root $(TABLES_ROOT) --out $(TABLES_OUT) $(ARGS)
 
 FIXTURES ?= results/fixtures

@@ -139,7 +139,16 @@ class Evaluation:
             self.settings["max_new_tokens"] = int(cfg.runner.max_new_tokens)
         self.records_dir = Path(cfg.paths.records_dir)
         self.world = world_from(cfg.runner)
+        if cfg.get("experiment_name") == "latency" and self.world.size > 1 and not str(
+            cfg.model.device
+        ).startswith("cuda"):
+            raise ValueError(
+                f"experiment=latency measures one process per device, but this is one of "
+                f"{self.world.size} processes on {cfg.model.device}; run it in a single process "
+                f"(python -m recomp_eval experiment=latency ...), or one process per GPU"
+            )
         self.sample_ids = self.benchmark.sample_ids()  # what the shards split (no image decoded)
+        self.example_id = min(self.sample_ids, default=None)  # its prompt goes in the record
         self.command = launch_command()
         self.contents = self.fingerprint_inputs(bundle)
         self.bundle = bundle if bundle is not None else load_model(self.model_config())
@@ -269,8 +278,11 @@ class Evaluation:
             vision_cache=self.vision_cache,
             do_sample=bool(self.settings["do_sample"]),
         )
+        # the prompt is kept on each batch's first row, and on the run's first sample in id order
+        # (the record's example prompt, the same whatever the batches or the world size)
         return [
-            sample_row(p.sample, res, warm=warm, first=p is batch[0])
+            sample_row(p.sample, res, warm=warm,
+                       first=p is batch[0] or p.sample_id == self.example_id)  # fmt: skip
             for p, res in zip(batch, results)
         ]
 

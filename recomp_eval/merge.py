@@ -74,11 +74,13 @@ def incomplete(folder: RunFolder) -> str | None:
     missing = [r for r in range(size) if (r, size) not in markers]
     context = next(iter(markers.values()))["context"]
     done = len(load_run_rows(folder.path))
+    running = {r: h for r in missing if (h := folder.shard_holder(f"shard-{r}-of-{size}"))}
+    state = "; ".join(f"shard {r} is running ({h})" for r, h in running.items())
     return (
         f"{folder.path}: shard{'s' if len(missing) > 1 else ''} "
         f"{', '.join(map(str, missing))} of {size} not finished ({done} of "
-        f"{next(iter(markers.values()))['n_total']} samples answered); "
-        f"{finish_command(folder, context, missing, size)}"
+        f"{next(iter(markers.values()))['n_total']} samples answered"
+        f"{'; ' + state if state else ''}); {finish_command(folder, context, missing, size)}"
     )
 
 

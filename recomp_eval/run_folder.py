@@ -143,6 +143,20 @@ class RunFolder:
         return ", ".join(f"pid {i.get('pid')} on {i.get('host')} since {i.get('since')}"
                          for i in held)  # fmt: skip
 
+    def shard_holder(self, shard: str) -> str | None:
+        """Who is working on ``shard`` now (its lock is held), or None."""
+        path = self.path / f"{LOCK}.{shard}"
+        if not path.exists():
+            return None
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    return self._holder(f"{LOCK}.{shard}")
+                raise
+        return None
+
     @contextmanager
     def building(self) -> Iterator[None]:
         """Held while the run's record is built, so that two shards finishing together build

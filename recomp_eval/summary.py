@@ -175,10 +175,18 @@ def _shapes(doc: dict[str, Any]) -> Any:
                           "decoder": DecoderShape(**doc["decoder"])})  # fmt: skip
 
 
-def timing_note(world: dict[str, Any]) -> str:
-    """``one process`` or ``multi-process`` (latencies measured while other processes of the
-    run shared the machine: not a single-process latency)."""
-    return "multi-process" if any(s > 1 for s in world.get("sizes", [1])) else "one process"
+def timing_note(shards: list[dict[str, Any]], processes: list[dict[str, Any]]) -> str:
+    """How the run's latencies were measured: ``one process``, ``N processes, one GPU each``
+    or ``N processes sharing cpu`` (any process of the run, resumes included, that ran with
+    others makes it multi-process: tables mark such latencies)."""
+    sizes = [int(p.get("world_size", 1)) for p in processes] + [len(shards)]
+    if max(sizes) == 1:
+        return "one process"
+    n = max(sizes)
+    places = [(m.get("host"), m["device"]) for m in shards]
+    if all(d.startswith("cuda") for _, d in places) and len(set(places)) == len(places):
+        return f"{n} processes, one GPU each"
+    return f"{n} processes sharing {', '.join(sorted({d for _, d in places}))}"
 
 
 def build_record(
@@ -242,17 +250,17 @@ def build_record(
     method_doc = context["method"]
     method = build_method(method_doc["name"], retention=context["spec_retention"],
                           **method_doc["options"])  # fmt: skip
+    # the run's first sample in id order carries its prompt (see Evaluation.generate_batch)
     prompt = next((r["prompt"] for r in rows if r.get("prompt")), None)
     identity = document["identity"]
     devices = [m["device"] for m in shards]
     world = {
         "size": len(shards),
         "launcher": shards[0]["launcher"],
-        "sizes": sorted({int(p.get("world_size", 1)) for p in processes} | {len(shards)}),
         "shards": [{k: m.get(k) for k in ("rank", "device", "host", "pid", "session",
                                           "generated", "finished")} for m in shards],  # fmt: skip
     }
-    world["timing"] = timing_note(world)
+    world["timing"] = timing_note(shards, processes)
     experiments = {m["context"]["experiment"] for m in shards} - {None}
     return RunRecord(
         run_key=document["run_key"],

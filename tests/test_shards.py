@@ -129,7 +129,7 @@ def test_two_shards_give_the_one_process_record(data_dir: Path, tmp_path: Path, 
     pool = json.loads(next(p for p in (tmp_path / "raw").rglob("results.json")
                            if "pool" in str(p)).read_text())  # fmt: skip
     assert any(k.startswith("loyalty") or "loyal" in k for k in pool["metrics"])
-    assert pool["world"]["size"] == 2 and pool["world"]["timing"] == "multi-process"
+    assert pool["world"]["size"] == 2 and pool["world"]["timing"] == "2 processes sharing cpu"
     assert [s["rank"] for s in pool["world"]["shards"]] == [0, 1]
     folder = Path(pool["run_dir"])
     files = sorted(p.name for p in folder.glob("samples*.jsonl"))

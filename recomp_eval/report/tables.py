@@ -322,6 +322,7 @@ def efficiency_table(scored: list[Scored], sets: dict[int, str], notes: list[str
             "decode_ms": latency.get("decode_per_token", {}).get("median", math.nan),
             "memory": (rec.get("peak_memory_mb") or {}).get("total", math.nan),
             "n": s.run.n, "reportable": "yes" if rec.get("reportable") else "no",
+            "timing": (rec.get("world") or {}).get("timing", "one process"),
             "_vanilla": s.run.method_name == VANILLA,
         })  # fmt: skip
     cols = [
@@ -336,6 +337,12 @@ def efficiency_table(scored: list[Scored], sets: dict[int, str], notes: list[str
         Column("n", "n", "{:d}"),
         Column("reportable", "reportable", align="l"),
     ]  # fmt: skip
+    shared = any(r["timing"] != "one process" for r in rows)
+    if shared:  # latencies of data-parallel runs: say how many processes shared what
+        cols.append(Column("timing", "timed with", align="l"))
+        notes = [*notes, "timed with: latencies of runs evaluated by several processes "
+                 "(torchrun, job arrays) are not single-process latencies; for latency figures "
+                 "run experiment=latency in one process per device."]  # fmt: skip
     context = _context_note(scored)
     return Table(
         name="efficiency",
