@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,41 @@ def test_torchrun_on_synth_llava_equals_one_process(tmp_path: Path) -> None:
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "recomp_eval"]
     launch(torchrun, [*overrides, f"paths.root={tmp_path / 'two'}"])
     same_as(summary(tmp_path / "one"), summary(tmp_path / "two"), 2)
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_rank_resumes_in_one_process(pope: Path, tmp_path: Path) -> None:
+    """SIGKILL rank 1 mid-run (torchrun then stops rank 0 too); one process finishes the runs
+    with the record of an uninterrupted one-process run, and nothing is done twice."""
+    slow = ["runner.batch_size=1", "runner.max_new_tokens=24"]
+    out = tmp_path / "killed"
+    overrides = [*tiny_overrides(pope, out), *slow]
+    torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "recomp_eval"]
+    proc = subprocess.Popen([*torchrun, *overrides], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        for path in out.rglob("processes.shard-1-of-2.json"):
+            entries = json.loads(path.read_text() or "[]")
+            if entries and entries[0]["samples"] >= 1:
+                killed = entries[0]["pid"]
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.communicate(timeout=120)
+    if killed is None:
+        pytest.skip("the runs finished before rank 1 could be killed")
+    assert proc.returncode != 0
+    assert len(list((out / "raw").rglob("results.json"))) < 3
+    launch([sys.executable, "-m", "recomp_eval"], overrides)  # world size 1 finishes them
+    launch([sys.executable, "-m", "recomp_eval"], [*tiny_overrides(pope, tmp_path / "one"), *slow])
+    one, resumed = summary(tmp_path / "one"), summary(out)
+    assert one.keys() == resumed.keys() and len(one) == 3
+    for name in one:
+        assert resumed[name]["record"] == one[name]["record"], name
+        assert resumed[name]["rows"] == one[name]["rows"], name
+    for folder in {p.parent for p in out.rglob("samples*.jsonl")}:
+        ids = [json.loads(line)["sample_id"] for f in folder.glob("samples*.jsonl")
+               for line in f.read_text().splitlines()]  # fmt: skip
+        assert len(ids) == len(set(ids))  # nothing done twice
