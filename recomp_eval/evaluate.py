@@ -24,8 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recomp_eval.benchmarks.base import BadSample
-from recomp_eval.methods import BuiltMethod, build_method
 from recomp_eval.merge import finish_run
+from recomp_eval.methods import BuiltMethod, build_method
 from recomp_eval.records import RunRecord, environment, sample_row, stable_hash
 from recomp_eval.run_folder import RunFolder, settle
 from recomp_eval.runner import (
@@ -139,9 +139,11 @@ class Evaluation:
             self.settings["max_new_tokens"] = int(cfg.runner.max_new_tokens)
         self.records_dir = Path(cfg.paths.records_dir)
         self.world = world_from(cfg.runner)
-        if cfg.get("experiment_name") == "latency" and self.world.size > 1 and not str(
-            cfg.model.device
-        ).startswith("cuda"):
+        if (
+            cfg.get("experiment_name") == "latency"
+            and self.world.size > 1
+            and not str(cfg.model.device).startswith("cuda")
+        ):
             raise ValueError(
                 f"experiment=latency measures one process per device, but this is one of "
                 f"{self.world.size} processes on {cfg.model.device}; run it in a single process "
@@ -281,8 +283,9 @@ class Evaluation:
         # the prompt is kept on each batch's first row, and on the run's first sample in id order
         # (the record's example prompt, the same whatever the batches or the world size)
         return [
-            sample_row(p.sample, res, warm=warm,
-                       first=p is batch[0] or p.sample_id == self.example_id)  # fmt: skip
+            sample_row(
+                p.sample, res, warm=warm, first=p is batch[0] or p.sample_id == self.example_id
+            )
             for p, res in zip(batch, results)
         ]
 
@@ -428,7 +431,9 @@ def log_run(cfg: DictConfig, evaluation: Evaluation, spec: RunSpec, record: RunR
     )
     with tracker:
         tracker.set_run_key(record.run_key)  # the dashboard run names its results folder
-        tracker.log_metrics({k: v for k, v in record.metrics.items() if isinstance(v, (int, float))})
+        tracker.log_metrics(
+            {k: v for k, v in record.metrics.items() if isinstance(v, (int, float))}
+        )
         tracker.log_metrics(
             {
                 f"{evaluation.benchmark.name}/kept_tokens": record.tokens["mean"],

@@ -138,7 +138,11 @@ def record_context(evaluation: Any, spec: Any, method: BuiltMethod, retention: f
     report = evaluation.benchmark.report()
     limited = cfg.get("limit") if cfg.get("limit") is not None else bench_cfg.get("limit")
     return {
-        "model": {"name": str(cfg.model.name), "id": str(cfg.model.id), "dtype": str(cfg.model.dtype)},
+        "model": {
+            "name": str(cfg.model.name),
+            "id": str(cfg.model.id),
+            "dtype": str(cfg.model.dtype),
+        },
         "benchmark": {
             "name": evaluation.benchmark.name,
             "version": evaluation.benchmark.version,
@@ -257,8 +261,13 @@ def build_record(
     world = {
         "size": len(shards),
         "launcher": shards[0]["launcher"],
-        "shards": [{k: m.get(k) for k in ("rank", "device", "host", "pid", "session",
-                                          "generated", "finished")} for m in shards],  # fmt: skip
+        "shards": [
+            {
+                k: m.get(k)
+                for k in ("rank", "device", "host", "pid", "session", "generated", "finished")
+            }
+            for m in shards
+        ],
     }
     world["timing"] = timing_note(shards, processes)
     experiments = {m["context"]["experiment"] for m in shards} - {None}

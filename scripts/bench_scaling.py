@@ -100,7 +100,8 @@ def main() -> None:
     lines = [
         f"Data-parallel throughput, {args.model} on {args.benchmark} ({args.limit} questions x "
         f"2 runs: none and RC official at 10%), batch {args.batch_size}, device {args.device}"
-        + (f", {args.threads} thread(s) per process" if args.device == "cpu" else "") + ".",
+        + (f", {args.threads} thread(s) per process" if args.device == "cpu" else "")
+        + ".",
         "",
         "| processes | samples | generation s | samples/s | speed-up | end-to-end s |",
         "|---:|---:|---:|---:|---:|---:|",

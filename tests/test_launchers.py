@@ -44,8 +44,9 @@ def summary(out: Path) -> dict[str, dict]:
         rows = load_run_rows(path.parent)
         found[path.parent.name] = {
             "record": {k: getattr(record, k) for k in SAME},
-            "rows": {i: (r["prediction"], r["kept_tokens"], r.get("keep_map"))
-                     for i, r in rows.items()},  # fmt: skip
+            "rows": {
+                i: (r["prediction"], r["kept_tokens"], r.get("keep_map")) for i, r in rows.items()
+            },
             "world": record.world,
         }
     return found
@@ -68,7 +69,7 @@ def pope(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_overrides(data: Path, out: Path) -> list[str]:
-    return [f"benchmark=pope", f"benchmark.data_dir={data}", f"paths.root={out}",
+    return ["benchmark=pope", f"benchmark.data_dir={data}", f"paths.root={out}",
             "runner.max_new_tokens=3", "runner.batch_size=2", "runner.torch_threads=1", RUNS]  # fmt: skip
 
 

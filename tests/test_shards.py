@@ -50,10 +50,15 @@ def test_assignment_ignores_the_order_and_the_hash_seed() -> None:
     shuffled = random.Random(0).sample(ids, len(ids))
     assert shard_of(ids, 4) == shard_of(shuffled, 4)
     code = ("from recomp_eval.shards import shard_of; import json; "
-            f"print(json.dumps(shard_of([f'{{n:05d}}' for n in range(500)], 4), sort_keys=True))")  # fmt: skip
+            "print(json.dumps(shard_of([f'{n:05d}' for n in range(500)], 4), sort_keys=True))")  # fmt: skip
     outs = {
-        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
-                       capture_output=True, text=True, check=True).stdout  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for seed in ("1", "2")
     }
     assert outs == {json.dumps(shard_of(ids, 4), sort_keys=True) + "\n"}
@@ -102,8 +107,12 @@ def single(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, bundle) -> 
 
 def records_and_rows(record) -> dict:
     rows = load_run_rows(Path(record.run_dir))
-    return {"record": {k: getattr(record, k) for k in SAME}, "rows": {
-        i: (r["prediction"], r["kept_tokens"], r.get("keep_map")) for i, r in rows.items()}}
+    return {
+        "record": {k: getattr(record, k) for k in SAME},
+        "rows": {
+            i: (r["prediction"], r["kept_tokens"], r.get("keep_map")) for i, r in rows.items()
+        },
+    }
 
 
 def results(out: Path) -> list[dict]:
@@ -181,14 +190,15 @@ def test_a_second_process_on_the_same_shard_is_refused(tmp_path: Path) -> None:
     with folder.claim(shard="shard-0-of-2"):
         with RunFolder(tmp_path / "run").claim(shard="shard-1-of-2"):
             pass  # the other shard runs alongside
-        with pytest.raises(RunBusyError) as err, RunFolder(tmp_path / "run").claim(
-            shard="shard-0-of-2"
+        with (
+            pytest.raises(RunBusyError) as err,
+            RunFolder(tmp_path / "run").claim(shard="shard-0-of-2"),
         ):
             pass
         assert "shard-0-of-2" in str(err.value) and "\n" not in str(err.value)
-        with pytest.raises(RunBusyError):  # a one-process run waits for no shard
-            with RunFolder(tmp_path / "run").claim():
-                pass
+        # a one-process run of the same run is refused while a shard runs
+        with pytest.raises(RunBusyError), RunFolder(tmp_path / "run").claim():
+            pass
 
 
 def test_device_map_is_refused_under_torchrun(monkeypatch) -> None:
@@ -222,3 +232,26 @@ def test_launcher_variables_are_hidden_while_loading(monkeypatch) -> None:
     assert seen == [(None, {"": "cpu"})]
     assert os.environ["WORLD_SIZE"] == "2"  # restored
     assert str(bundle.device) == "cpu"
+
+
+def test_tables_mark_latencies_of_multi_process_runs(data_dir: Path, tmp_path: Path,
+                                                     bundle) -> None:  # fmt: skip
+    from recomp_eval.aggregate import write_tables
+
+    for shard in (0, 1):
+        evaluate(config(data_dir, tmp_path / "two", f"runner.shard={shard}",
+                        "runner.num_shards=2"), bundle)  # fmt: skip
+    evaluate(config(data_dir, tmp_path / "one"), bundle)
+    two = write_tables(tmp_path / "two" / "raw", tmp_path / "t2")["efficiency"]
+    one = write_tables(tmp_path / "one" / "raw", tmp_path / "t1")["efficiency"]
+    assert {r["timing"] for r in two.rows} == {"2 processes sharing cpu"}
+    assert "timing" in [c.key for c in two.columns] and any("timed with" in n for n in two.notes)
+    assert "timing" not in [c.key for c in one.columns]
+
+
+def test_latency_experiment_refuses_processes_sharing_a_cpu(data_dir: Path, tmp_path: Path,
+                                                            bundle) -> None:  # fmt: skip
+    cfg = config(data_dir, tmp_path, "experiment=latency", "runner.shard=0", "runner.num_shards=2")
+    with pytest.raises(ValueError) as err:
+        evaluate(cfg, bundle)
+    assert "one process per device" in str(err.value) and "\n" not in str(err.value)
