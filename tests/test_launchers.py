@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from recomp_eval.benchmarks.fixtures import write_fixture
 from recomp_eval.records import RunRecord
@@ -75,8 +76,19 @@ def tiny_overrides(data: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_process(pope: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The one-process records, evaluated in this process (the same code as the CLI)."""
+    from hydra import compose, initialize_config_dir
+
+    from recomp_eval.config_path import CONFIG_DIR
+    from recomp_eval.evaluate import evaluate
+
     out = tmp_path_factory.mktemp("one")
-    launch([sys.executable, "-m", "recomp_eval"], tiny_overrides(pope, out))
+    threads = torch.get_num_threads()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            evaluate(compose(config_name="eval", overrides=tiny_overrides(pope, out)))
+    finally:
+        torch.set_num_threads(threads)  # runner.torch_threads=1 must not slow later tests
     return summary(out)
 
 

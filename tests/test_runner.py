@@ -213,6 +213,7 @@ def _cli(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess
     )  # fmt: skip
 
 
+@pytest.mark.slow  # a real SIGKILL (~30 s); test_resume_after_simulated_crash is the quick one
 def test_killed_process_resumes_without_duplicates(data_root: Path, tmp_path: Path) -> None:
     args = [
         "benchmark=vqav2", f"benchmark.data_dir={data_root / 'vqav2'}", f"paths.root={tmp_path}",

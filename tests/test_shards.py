@@ -255,3 +255,23 @@ def test_latency_experiment_refuses_processes_sharing_a_cpu(data_dir: Path, tmp_
     with pytest.raises(ValueError) as err:
         evaluate(cfg, bundle)
     assert "one process per device" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_each_run_is_logged_once_by_the_shard_that_completes_it(
+    data_dir: Path, tmp_path: Path, bundle, monkeypatch
+) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var))
+    shard = lambda r: config(data_dir, tmp_path, "logger=wandb", "runner.keep_maps=0",  # noqa: E731
+                             f"runner.shard={r}", "runner.num_shards=2")  # fmt: skip
+    evaluate(shard(0), bundle)
+    wandb.teardown()
+    assert not list((tmp_path / "wandb").glob("offline-run-*"))  # shard 0 completed no run
+    records = evaluate(shard(1), bundle)
+    wandb.teardown()
+    assert len(records) == 2
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
