@@ -7,7 +7,8 @@ PIP := $(VENV)/bin/pip
 # pulls a CUDA build; lmms-eval (scoring oracle) goes in without its dependencies.
 TORCH_PIN := torch==2.13.0
 LMMS_EVAL_PIN := lmms-eval==0.7.3
-LMMS_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter
+# filelock 4.2.x: lmms-eval 0.7.3's simple_evaluate needs filelock._api (gone in 4.3)
+LMMS_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter filelock==4.2.12
 # scaling out: `accelerate launch` and device_map=auto, Hydra's SLURM launcher (docs/scaling.md)
 SCALE_PINS := accelerate==1.15.0 submitit==1.5.4 hydra-submitit-launcher==1.2.0
 ARGS ?=
@@ -16,7 +17,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help eval eval-dp demo-docs install lint format test test-all test-gpu bench tables sweep fixtures clean
+.PHONY: help eval eval-dp eval-lmms demo-docs install lint format test test-all test-gpu bench tables sweep fixtures clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -82,6 +83,15 @@ eval-dp: $(VENV)/.installed ## the demo with NPROC processes (torchrun), e.g. ma
 	$(PY) scripts/make_synth.py --out $(DP_ROOT)/synth --skip-existing
 	OMP_NUM_THREADS=$(DP_THREADS) $(VENV)/bin/torchrun --nproc-per-node $(NPROC) -m recomp_eval -m experiment=synth_demo benchmark=$(DEMO_BENCHMARKS) paths.root=$(DP_ROOT) runner.torch_threads=$(DP_THREADS) $(ARGS)
 	$(VENV)/bin/recomp-eval-tables --root $(DP_ROOT)/raw --experiment synth_demo --out $(DP_ROOT)/tables
+
+# lmms-eval itself, with our model class (--model recomp_llava) on its own task YAMLs over the
+# local SynthVQA parquet (docs/lmms.md); MODEL_ARGS picks the method, ARGS adds lmms-eval flags.
+LMMS_TASKS ?= local_pope,local_mme,local_gqa
+MODEL_ARGS ?= method=recomp,variant=paper,retention=0.1
+eval-lmms: $(VENV)/.installed-dev ## lmms-eval + our plugin on local tasks, e.g. make eval-lmms MODEL_ARGS=method=fastv
+	$(PY) scripts/make_synth.py --out $(DEMO_ROOT)/synth --skip-existing
+	$(PY) -m recomp_eval.lmms_plugin.tasks --data $(DEMO_ROOT)/synth --out $(DEMO_ROOT)/lmms_tasks
+	$(PY) -m lmms_eval --model recomp_llava --model_args pretrained=models/synth-llava,device=cpu,$(MODEL_ARGS) --tasks $(LMMS_TASKS) --include_path $(DEMO_ROOT)/lmms_tasks --batch_size 8 --output_path $(DEMO_ROOT)/lmms $(ARGS)
 
 eval-%: $(VENV)/.installed ## evaluate one benchmark, e.g. make eval-gqa ARGS="method=recomp retention=0.1"
 	$(VENV)/bin/recomp-eval benchmark=$* $(ARGS)
