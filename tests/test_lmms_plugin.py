@@ -94,6 +94,7 @@ def lmms_answers(model, tasks: Path, batch_size: int, limit: int = 8) -> dict[st
 
 
 @needs_lmms
+@pytest.mark.slow  # ~25 s: make test stays under five minutes
 def test_plugin_answers_as_our_harness_at_any_batch_size(local_pope, tmp_path: Path) -> None:
     from hydra import compose, initialize_config_dir
 
