@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -67,35 +68,63 @@ needs_lmms = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
                                 reason="lmms-eval is not installed")  # fmt: skip
 
 
+BENCHES = ("pope", "mme", "gqa")
+METHOD = {"method": "recomp", "variant": "paper", "retention": 0.1}
+
+
 @pytest.fixture(scope="module")
-def local_pope(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """SynthVQA POPE/MME/GQA parquet and the include-path folder of local_<bench> tasks."""
     from recomp_eval.lmms_plugin.tasks import write_tasks
     from recomp_eval.synth.writers import write_benchmark
 
     root = tmp_path_factory.mktemp("lmms")
-    write_benchmark("pope", root / "synth", n_images=2)
-    write_tasks(root / "synth", root / "tasks", ("pope",))
-    return root / "synth" / "pope", root / "tasks"
+    for bench in BENCHES:
+        write_benchmark(bench, root / "synth", n_images=2)
+    write_tasks(root / "synth", root / "tasks", BENCHES)
+    return root / "synth", root / "tasks"
 
 
-def lmms_answers(model, tasks: Path, batch_size: int, limit: int = 8) -> dict[str, str]:
+def lmms_run(model, tasks: Path, batch_size: int, benches=BENCHES, limit=None) -> dict:
+    """lmms-eval's own evaluation: {bench: (answers keyed as our sample ids, its results)}."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    result = simple_evaluate(model=model, tasks=["local_pope"], limit=limit, batch_size=batch_size,
+    names = [f"local_{b}" for b in benches]
+    result = simple_evaluate(model=model, tasks=names, limit=limit, batch_size=batch_size,
                              log_samples=True, bootstrap_iters=0,
                              task_manager=TaskManager(include_path=str(tasks),
                                                       include_defaults=False))  # fmt: skip
-    samples = result["samples"]["local_pope"]
-    # keyed as our POPE sample ids (<category>/<question_id>)
-    return {f"{s['doc']['category']}/{s['doc']['question_id']}": s["filtered_resps"][0]
-            for s in samples}  # fmt: skip
+    out = {}
+    for bench in benches:
+        samples = sorted(result["samples"][f"local_{bench}"], key=lambda s: s["doc_id"])
+        seen: dict[str, int] = {}
+        answers = {}
+        for sample in samples:
+            doc = sample["doc"]
+            if bench == "pope":
+                key = f"{doc['category']}/{doc['question_id']}"
+            elif bench == "mme":  # our ids: <question_id>#<place in its image pair>
+                n = seen[doc["question_id"]] = seen.get(doc["question_id"], -1) + 1
+                key = f"{doc['question_id']}#{n}"
+            else:
+                key = str(doc["id"])
+            answers[key] = sample["filtered_resps"][0]
+        out[bench] = (answers, result["results"][f"local_{bench}"])
+    return out
+
+
+# our primary metric (protocol lmms_eval) -> lmms-eval's result key
+THEIRS = {"pope": "pope_f1_score,none", "mme": "mme_perception_score,none",
+          "gqa": "exact_match,none"}  # fmt: skip
 
 
 @needs_lmms
-@pytest.mark.slow  # ~25 s: make test stays under five minutes
-def test_plugin_answers_as_our_harness_at_any_batch_size(local_pope, tmp_path: Path) -> None:
+@pytest.mark.slow  # ~40 s: make test stays under five minutes
+def test_plugin_answers_and_scores_as_our_harness(local, tmp_path: Path) -> None:
+    """lmms-eval's own POPE, MME and GQA tasks through the plugin: the answers equal our
+    harness's protocol=lmms_eval answers, lmms-eval's scores equal our metrics, batch 4 = 1."""
     from hydra import compose, initialize_config_dir
 
     from recomp_eval.config_path import CONFIG_DIR
@@ -103,36 +132,44 @@ def test_plugin_answers_as_our_harness_at_any_batch_size(local_pope, tmp_path: P
     from recomp_eval.lmms_plugin.model import RecompLlava
     from recomp_eval.runner import load_run_rows
 
-    data, tasks = local_pope
-    model = RecompLlava(pretrained=SYNTH_LLAVA, method="recomp", variant="paper",
-                        retention=0.1, device="cpu", batch_size=4)  # fmt: skip
-    batched = lmms_answers(model, tasks, 4)
+    synth, tasks = local
+    requests = tmp_path / "requests.jsonl"
+    model = RecompLlava(pretrained=SYNTH_LLAVA, device="cpu", batch_size=4,
+                        requests_file=str(requests), **METHOD)  # fmt: skip
+    batched = lmms_run(model, tasks, 4)
     model.batch_size_per_gpu = 1
-    single = lmms_answers(model, tasks, 1)  # the same instance: it survives clean()
-    assert batched == single and len(batched) == 8
-    assert len(model.side_rows) == 16 and all(r["kept_tokens"] > 0 for r in model.side_rows)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="eval", overrides=[
-            "model=synth_llava", "benchmark=pope", f"benchmark.data_dir={data}",
-            "protocol=lmms_eval", "method=recomp", "method.variant=paper", "retention=0.1",
-            f"paths.root={tmp_path}",
-        ])  # fmt: skip
-    (record,) = evaluate(cfg)
-    ours = {i: r["prediction"] for i, r in load_run_rows(Path(record.run_dir)).items()}
-    assert {k: ours[k] for k in batched} == batched
+    single = lmms_run(model, tasks, 1, benches=("pope",))  # the same instance: survives clean()
+    assert single["pope"][0] == batched["pope"][0]
+    lines = requests.read_text().splitlines()
+    assert len(lines) == sum(len(a) for a, _ in batched.values()) + len(single["pope"][0])
+    assert all(0 < json.loads(line)["kept_tokens"] < 576 for line in lines)
+    for bench in BENCHES:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(config_name="eval", overrides=[
+                "model=synth_llava", f"benchmark={bench}", f"benchmark.data_dir={synth / bench}",
+                "protocol=lmms_eval", "method=recomp", "method.variant=paper", "retention=0.1",
+                f"paths.root={tmp_path / 'ours'}",
+            ])  # fmt: skip
+        (record,) = evaluate(cfg)
+        ours = {i: r["prediction"] for i, r in load_run_rows(Path(record.run_dir)).items()}
+        answers, results = batched[bench]
+        assert answers == ours, bench  # every sample, the same answer
+        mine, theirs = record.metrics[record.primary_metric], results[THEIRS[bench]]
+        assert min(abs(mine - theirs * scale) for scale in (1, 100)) < 1e-6, (bench, mine, theirs)
 
 
 @needs_lmms
 @pytest.mark.slow
-def test_two_methods_do_not_share_answers(local_pope) -> None:
+def test_two_methods_do_not_share_answers(local) -> None:
     from recomp_eval.lmms_plugin.model import RecompLlava
 
-    _, tasks = local_pope
-    none = RecompLlava(pretrained=SYNTH_LLAVA, method="none", device="cpu", batch_size=4)
+    _, tasks = local
+    none = RecompLlava(pretrained=SYNTH_LLAVA, method="none", device="cpu", batch_size=4,
+                       requests_file="none")  # fmt: skip
     pool = RecompLlava(pretrained=SYNTH_LLAVA, method="pool", retention=0.05, device="cpu",
-                       batch_size=4)  # fmt: skip
+                       batch_size=4, requests_file="none")  # fmt: skip
     assert repr(none) != repr(pool)
-    lmms_answers(none, tasks, 4)
-    lmms_answers(pool, tasks, 4)
+    lmms_run(none, tasks, 4, benches=("pope",), limit=8)
+    lmms_run(pool, tasks, 4, benches=("pope",), limit=8)
     kept = {r["kept_tokens"] for r in pool.side_rows}
     assert max(kept) < 0.1 * 576 and {r["kept_tokens"] for r in none.side_rows} == {576}

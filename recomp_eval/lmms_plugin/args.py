@@ -2,14 +2,17 @@
 
 Pure (no lmms-eval import), so the checks are testable without it. Keys: ``pretrained`` (hub id
 or folder, required), ``method`` (default ``none``), ``retention``, ``dtype``, ``device``,
-``attn_implementation``, ``clip_text_id``, ``family``; every other key is an option of the
-method (``variant=paper``, ``k_layer=3``), validated by the method itself.
+``attn_implementation``, ``clip_text_id``, ``family``, ``requests_file`` (per-request kept
+tokens and stage times; ``none`` for no file); every other key is an option of the method
+(``variant=paper``, ``k_layer=3``), validated by the method itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # lmms-eval's llava_hf wrapper: max_new_tokens when a task's generation_kwargs set none
@@ -25,6 +28,7 @@ class PluginArgs:
     method: str
     retention: float | None
     options: dict[str, Any] = field(default_factory=dict)
+    requests: str | None = None  # requests_file=: where per-request figures go ("none": nowhere)
 
     def build(self) -> Any:
         from recomp_eval.methods import build_method
@@ -38,6 +42,15 @@ class PluginArgs:
         if rank and str(cfg["device"]) == "cuda":
             cfg["device"] = f"cuda:{rank}"
         return cfg
+
+    def requests_file(self) -> Path | None:
+        """``requests_file`` (default ``results/lmms/requests-<settings hash>.jsonl``)."""
+        if self.requests == "none":
+            return None
+        if self.requests:
+            return Path(self.requests)
+        digest = hashlib.sha1(self.identity().encode()).hexdigest()[:12]
+        return Path("results") / "lmms" / f"requests-{digest}.jsonl"
 
     def identity(self) -> str:
         """Every setting that changes answers, as stable JSON."""
@@ -59,6 +72,7 @@ def parse_model_args(args: dict[str, Any], device: str | None = None) -> PluginA
     from recomp_eval.runs import expand_runs, method_defaults
 
     args = {k: _none(v) for k, v in args.items()}
+    requests = args.pop("requests_file", None)
     if not args.get("pretrained"):
         raise ValueError(
             "recomp_llava needs pretrained=<hub id or folder> in --model_args, e.g. "
@@ -91,6 +105,7 @@ def parse_model_args(args: dict[str, Any], device: str | None = None) -> PluginA
         "runs": [{"method": name, "retention": retention, "options": args}],
     })  # fmt: skip
     (spec,) = expand_runs(cfg)  # the Hydra path: YAML defaults, then these options
-    plugin = PluginArgs(model, spec.method, spec.retention, dict(spec.options))
+    plugin = PluginArgs(model, spec.method, spec.retention, dict(spec.options),
+                        None if requests is None else str(requests))  # fmt: skip
     plugin.build()  # unknown options and bad budgets fail here, before the model loads
     return plugin

@@ -37,11 +37,12 @@ class RecompLlava(lmms):
 
         self.args: PluginArgs = parse_model_args(model_args, device=device)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
-        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # accelerate launch: its sharding
-            self._rank = int(os.environ.get("RANK", "0"))
-            self._world_size = int(os.environ["WORLD_SIZE"])
+        # under accelerate launch lmms-eval shards the requests and sets _rank/_world_size on the
+        # instance itself; each process puts its model on its own GPU (cuda:LOCAL_RANK)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         self.method = self.args.build()
-        self.bundle = load_model(self.args.model_config(self._rank))
+        self.bundle = load_model(self.args.model_config(local_rank))
+        self.requests_file = self.args.requests_file()
         self.side_rows: list[dict[str, Any]] = []  # kept tokens and stage times per request
 
     def __repr__(self) -> str:
@@ -59,13 +60,13 @@ class RecompLlava(lmms):
         """Batches of equal ``gen_kwargs``, longest context first; results in request order."""
         from recomp_eval.pipeline import generate
 
-        args = [
-            r.args for r in requests
-        ]  # (context, gen_kwargs, doc_to_visual, doc_id, task, split)
+        # each request's args: (context, gen_kwargs, doc_to_visual, doc_id, task, split)
+        args = [r.args for r in requests]
         groups: dict[str, list[int]] = {}
         for i, (_, gen_kwargs, *_rest) in enumerate(args):
             groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
         out: list[GenerationResult | None] = [None] * len(args)
+        rows: list[dict[str, Any]] = []
         size = self.batch_size_per_gpu
         for indices in groups.values():
             indices.sort(key=lambda i: -len(args[i][0]))
@@ -82,12 +83,25 @@ class RecompLlava(lmms):
                     out[i] = GenerationResult(res.text, TokenCounts(
                         input_tokens=res.text_tokens + round(res.kept_tokens),
                         output_tokens=len(res.new_token_ids)))  # fmt: skip
-                    self.side_rows.append({"request": sample_id, "kept_tokens": res.kept_tokens,
-                                           "timings_ms": res.timings,
-                                           "batch_size": res.batch_size})  # fmt: skip
+                    row = {"request": sample_id, "kept_tokens": res.kept_tokens,
+                           "text_tokens": res.text_tokens, "new_tokens": len(res.new_token_ids),
+                           "timings_ms": res.timings, "batch_size": res.batch_size,
+                           "model": self.args.identity()}  # fmt: skip
+                    self.side_rows.append(row)
+                    rows.append(row)
                     self.cache_hook.add_partial("generate_until", (args[i][0], gen_kwargs),
                                                 res.text)  # fmt: skip
+        self.write_requests(rows)
         return out  # type: ignore[return-value]
+
+    def write_requests(self, rows: list[dict[str, Any]]) -> None:
+        """Kept visual tokens, token counts and stage times per request, one JSON line each,
+        appended to ``requests_file`` (lmms-eval's logged samples have no place for them)."""
+        if self.requests_file is None or not rows:
+            return
+        self.requests_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.requests_file, "a") as handle:
+            handle.writelines(json.dumps(r, default=str) + "\n" for r in rows)
 
     def image_of(self, request_args: tuple) -> Any:
         """The document's one image (``doc_to_visual``); LLaVA-1.5 compression takes one."""
