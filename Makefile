@@ -7,8 +7,9 @@ PIP := $(VENV)/bin/pip
 # pulls a CUDA build; lmms-eval (scoring oracle) goes in without its dependencies.
 TORCH_PIN := torch==2.13.0
 LMMS_EVAL_PIN := lmms-eval==0.7.3
-# filelock 4.2.x: lmms-eval 0.7.3's simple_evaluate needs filelock._api (gone in 4.3)
-LMMS_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter filelock==4.2.12
+# filelock 4.2.x: lmms-eval 0.7.3's simple_evaluate needs filelock._api (gone in 4.3);
+# eva-decord: the `decord` module its llava_hf wrapper imports (scripts/bench_peer.py runs it)
+LMMS_RUNTIME := loguru sacrebleu evaluate pytz tenacity pytablewriter filelock==4.2.12 eva-decord==0.6.1
 # scaling out: `accelerate launch` and device_map=auto, Hydra's SLURM launcher (docs/scaling.md)
 SCALE_PINS := accelerate==1.15.0 submitit==1.5.4 hydra-submitit-launcher==1.2.0
 ARGS ?=
@@ -91,7 +92,7 @@ MODEL_ARGS ?= method=recomp,variant=paper,retention=0.1
 eval-lmms: $(VENV)/.installed-dev ## lmms-eval + our plugin on local tasks, e.g. make eval-lmms MODEL_ARGS=method=fastv
 	$(PY) scripts/make_synth.py --out $(DEMO_ROOT)/synth --skip-existing
 	$(PY) -m recomp_eval.lmms_plugin.tasks --data $(DEMO_ROOT)/synth --out $(DEMO_ROOT)/lmms_tasks
-	$(PY) -m lmms_eval --model recomp_llava --model_args pretrained=models/synth-llava,device=cpu,$(MODEL_ARGS) --tasks $(LMMS_TASKS) --include_path $(DEMO_ROOT)/lmms_tasks --batch_size 8 --output_path $(DEMO_ROOT)/lmms $(ARGS)
+	$(PY) -m lmms_eval --model recomp_llava --model_args pretrained=models/synth-llava,device=cpu,requests_file=$(DEMO_ROOT)/lmms/requests.jsonl,$(MODEL_ARGS) --tasks $(LMMS_TASKS) --include_path $(DEMO_ROOT)/lmms_tasks --batch_size 8 --output_path $(DEMO_ROOT)/lmms $(ARGS)
 
 eval-%: $(VENV)/.installed ## evaluate one benchmark, e.g. make eval-gqa ARGS="method=recomp retention=0.1"
 	$(VENV)/bin/recomp-eval benchmark=$* $(ARGS)

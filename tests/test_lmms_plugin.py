@@ -173,3 +173,29 @@ def test_two_methods_do_not_share_answers(local) -> None:
     lmms_run(pool, tasks, 4, benches=("pope",), limit=8)
     kept = {r["kept_tokens"] for r in pool.side_rows}
     assert max(kept) < 0.1 * 576 and {r["kept_tokens"] for r in none.side_rows} == {576}
+
+
+@needs_lmms
+def test_the_entry_point_gives_lmms_eval_our_model_with_checked_args() -> None:
+    """What ``--model recomp_llava --model_args ...`` does: lmms-eval's registry resolves our
+    class through the entry point and builds it from the argument string."""
+    from types import SimpleNamespace
+
+    from lmms_eval.models import get_model
+
+    cls = get_model("recomp_llava")
+    assert cls.__name__ == "RecompLlava" and cls.is_simple
+    model = cls.create_from_arg_string(
+        f"pretrained={SYNTH_LLAVA},method=pool,retention=0.05,requests_file=none",
+        {"batch_size": 2, "device": "cpu"},
+    )
+    assert model.batch_size_per_gpu == 2 and '"method": "pool"' in repr(model)
+    model.clean()
+    assert model.bundle.model is not None  # clean() keeps the loaded model
+    with pytest.raises(NotImplementedError) as err:
+        model.loglikelihood([SimpleNamespace(task_name="mmbench_en")])
+    assert "mmbench_en" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError) as bad:
+        cls.create_from_arg_string(f"pretrained={SYNTH_LLAVA},method=pool,retention=2",
+                                   {"batch_size": 1, "device": "cpu"})  # fmt: skip
+    assert "retention" in str(bad.value) and "\n" not in str(bad.value)

@@ -115,9 +115,11 @@ class RecompLlava(lmms):
         return visuals[0].convert("RGB")
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        tasks = sorted({str(getattr(r, "task_name", "?")) for r in requests})
         raise NotImplementedError(
-            "recomp_llava answers generate_until tasks only; loglikelihood (multiple-choice tasks "
-            "scored by option likelihood, e.g. output_type: multiple_choice) is not supported"
+            f"recomp_llava answers generate_until tasks only; {', '.join(tasks)} need "
+            f"loglikelihood (multiple-choice scored by option likelihood): run them with another "
+            f"lmms-eval model, or use a generate_until variant of the task"
         )
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
