@@ -199,3 +199,52 @@ def test_the_entry_point_gives_lmms_eval_our_model_with_checked_args() -> None:
         cls.create_from_arg_string(f"pretrained={SYNTH_LLAVA},method=pool,retention=2",
                                    {"batch_size": 1, "device": "cpu"})  # fmt: skip
     assert "retention" in str(bad.value) and "\n" not in str(bad.value)
+
+
+@needs_lmms
+def test_generation_settings_follow_the_task() -> None:
+    from recomp_eval.lmms_plugin.model import generation_limits
+
+    assert generation_limits({}) == (1024, ("\n\n",))  # lmms-eval's defaults (textvqa sets none)
+    assert generation_limits({"max_new_tokens": 16, "until": "ASSISTANT:"}) == (16, ("ASSISTANT:",))
+    assert generation_limits({"until": ["\n", "."], "temperature": 0}) == (1024, ("\n", "."))
+    with pytest.raises(ValueError) as err:
+        generation_limits({"temperature": 0.7})
+    assert "greedily" in str(err.value) and "\n" not in str(err.value)
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_accelerate_launch_shards_requests_and_matches_one_process(local, tmp_path: Path) -> None:
+    """lmms-eval's own sharding over 2 processes (accelerate launch, gloo on CPU) gives the
+    answers and scores of one process; each process writes its own requests file."""
+    import subprocess
+
+    _, tasks = local
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def lmms_cli(prefix: list[str], out: Path) -> tuple[dict, dict]:
+        args = [*prefix, "--model", "recomp_llava", "--model_args",
+                f"pretrained={SYNTH_LLAVA},method=pool,retention=0.25,device=cpu,"
+                f"requests_file={out}/requests.jsonl", "--tasks", "local_pope",
+                "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(out),
+                "--log_samples"]  # fmt: skip
+        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        (results,) = out.rglob("*_results.json")
+        (samples,) = out.rglob("*_samples_local_pope.jsonl")
+        answers = {json.loads(line)["doc_id"]: json.loads(line)["filtered_resps"][0]
+                   for line in samples.read_text().splitlines()}  # fmt: skip
+        return json.loads(results.read_text())["results"]["local_pope"], answers
+
+    one = lmms_cli([sys.executable, "-m", "lmms_eval"], tmp_path / "one")
+    two = lmms_cli([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "lmms_eval"], tmp_path / "two")  # fmt: skip
+    assert two[1] == one[1] and len(one[1]) == 12
+    assert two[0]["pope_f1_score,none"] == one[0]["pope_f1_score,none"]
+    ranks = sorted(p.name for p in (tmp_path / "two").glob("requests.rank*.jsonl"))
+    assert ranks == ["requests.rank0.jsonl", "requests.rank1.jsonl"]
+    lines = sum(len(p.read_text().splitlines()) for p in (tmp_path / "two").glob("requests.*"))
+    assert lines == 12  # every request once, over both processes

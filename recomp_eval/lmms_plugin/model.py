@@ -43,7 +43,16 @@ class RecompLlava(lmms):
         self.method = self.args.build()
         self.bundle = load_model(self.args.model_config(local_rank))
         self.requests_file = self.args.requests_file()
+        if self.requests_file is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            rank = os.environ.get("RANK", "0")  # one file per process: appends never interleave
+            name = f"{self.requests_file.stem}.rank{rank}{self.requests_file.suffix}"
+            self.requests_file = self.requests_file.with_name(name)
         self.side_rows: list[dict[str, Any]] = []  # kept tokens and stage times per request
+
+    @property
+    def device(self) -> Any:
+        """The model's device (lmms-eval's evaluator puts its gather tensors there)."""
+        return self.bundle.device
 
     def __repr__(self) -> str:
         """Stable, and different for every checkpoint or compression setting: lmms-eval keys
