@@ -69,6 +69,13 @@ def make_signals(batch: int, device: str, dtype: torch.dtype, key_width: int) ->
         text_sim=x["text_sim"].to(device, dtype),
         cls_feature=x["features"][:, 0].to(device, dtype),
         seeds=torch.arange(batch, device=device),
+        # what a 7B projector outputs per patch ([B,N,4096]; DivPrune compares these): a fixed
+        # random linear map, so the cost is the method's, not the projector's
+        projected=(
+            x["features"]
+            @ torch.randn(WIDTH, 4096, generator=torch.Generator().manual_seed(1))
+            / WIDTH**0.5
+        ).to(device, dtype),
     )
 
 

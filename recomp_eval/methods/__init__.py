@@ -67,6 +67,7 @@ METHODS: dict[str, str] = {
     "random": "random_keep",
     "pool": "pool",
     "fastv": "fastv",
+    "divprune": "divprune",
 }
 
 

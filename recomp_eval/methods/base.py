@@ -75,6 +75,7 @@ class SignalSpec:
     cls_feature: bool = False
     vit_passes: int = 1
     needs_seeds: bool = False
+    projected: bool = False  # the projector's output per patch (DivPrune selects on it)
 
 
 @dataclass
@@ -89,6 +90,8 @@ class VisionSignals:
         grid: (H, W) patch grid with H * W == N.
         cls_feature: [B,C] the CLS row of the feature layer (VisionZip), or None.
         seeds: [B] int64 per-sample seeds (random baseline), or None.
+        projected: [B,N,D] the projector's output for every patch (what the LLM would see
+            uncompressed; DivPrune), in the model dtype, or None.
     """
 
     features: torch.Tensor
@@ -98,6 +101,7 @@ class VisionSignals:
     grid: tuple[int, int] | None = None
     cls_feature: torch.Tensor | None = None
     seeds: torch.Tensor | None = None
+    projected: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() != 3:

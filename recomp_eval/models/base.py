@@ -51,7 +51,7 @@ def check_prompt(prompt: str, text: str, image_token: str, protocol: str) -> Non
 
 
 # The signals a family can supply to pre-LLM methods (names of VisionSignals fields).
-SIGNALS = ("features", "cls_attn", "keys", "cls_feature", "text_sim", "seeds")
+SIGNALS = ("features", "cls_attn", "keys", "cls_feature", "text_sim", "seeds", "projected")
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,8 @@ def required_signals(spec: Any) -> set[str]:
         needed.add("text_sim")
     if spec.needs_seeds:
         needed.add("seeds")
+    if getattr(spec, "projected", False):
+        needed.add("projected")
     return needed
 
 

@@ -133,12 +133,18 @@ def signals_from_pass(
         k = done.k[resolve_layer(spec.keys_layer, num_layers)]  # [B,N+1,C]
         keys = patch_keys(k, spec.keys, num_heads)  # [B,N,Ck]
     hidden = done.hidden
+    features = hidden[:, CLS_INDEX + 1 :]  # [B,N,C]
+    projected = None
+    if spec.projected:  # the projector acts per token: selecting on its output = selecting rows
+        projector = model.model.multi_modal_projector
+        projected = projector(features.to(next(projector.parameters()).dtype))  # [B,N,D]
     signals = VisionSignals(
-        features=hidden[:, CLS_INDEX + 1 :],  # [B,N,C]
+        features=features,
         cls_attn=cls_attn,
         keys=keys,
         cls_feature=hidden[:, CLS_INDEX] if spec.cls_feature else None,  # [B,C]
         seeds=seeds if spec.needs_seeds else None,
+        projected=projected,
     )
     return TowerOutput(signals=signals, last_hidden=done.last_hidden)
 
