@@ -50,7 +50,7 @@ def test_official_matches_the_loop_port_per_sample(dtype: torch.dtype, retention
     projected = projected.to(dtype)
     method = build_method("divprune", retention=retention, variant="official")
     out = method(VisionSignals(features=features, projected=projected))
-    t = int(round(retention * N))
+    t = round(retention * N)
     assert out.features.shape == (3, t, C)
     for b in range(3):
         expected = loop_divprune(projected[b], t)
@@ -91,7 +91,7 @@ def test_first_sample_for_batch_reproduces_the_released_batch_quirk() -> None:
     out = build_method("divprune", retention=0.1, first_sample_for_batch=True)(
         VisionSignals(features=features, projected=projected)
     )
-    first = loop_divprune(projected[0], int(round(0.1 * N)))
+    first = loop_divprune(projected[0], round(0.1 * N))
     assert all(row.tolist() == first for row in out.source)
     assert torch.equal(out.features[2], features[2, first])  # sample 0's indices, own features
 

@@ -62,7 +62,7 @@ class DivPruneConfig:
 def budget(cfg: DivPruneConfig, n: int) -> int:
     """Tokens kept of ``n``: the released ``int(round(r * n))`` or the project's rule."""
     if cfg.variant == "official":
-        return max(1, min(n, int(round(cfg.retention * n))))
+        return max(1, min(n, round(cfg.retention * n)))
     return budget_from_ratio(cfg.retention, n)
 
 
