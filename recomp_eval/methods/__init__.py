@@ -68,6 +68,7 @@ METHODS: dict[str, str] = {
     "pool": "pool",
     "fastv": "fastv",
     "divprune": "divprune",
+    "vispruner": "vispruner",
 }
 
 
