@@ -47,7 +47,8 @@ def loop_vispruner(x: torch.Tensor, a: torch.Tensor, t: int, ratio: float, step:
 def test_official_matches_the_loop_port(dtype: torch.dtype, tokens: int, ratio: float) -> None:
     features, attn = realistic(3, seed=tokens)
     features, attn = features.to(dtype), attn.to(dtype)
-    method = build_method("vispruner", retention=tokens / N, important_ratio=ratio)
+    method = build_method("vispruner", retention=tokens / N, important_ratio=ratio,
+                          variant="official")  # fmt: skip
     out = method(VisionSignals(features=features, cls_attn=attn))
     assert out.features.shape == (3, tokens, C)
     for b in range(3):
@@ -59,13 +60,17 @@ def test_official_matches_the_loop_port(dtype: torch.dtype, tokens: int, ratio: 
         assert torch.equal(out.features[b], features[b, kept])
         alone = method(VisionSignals(features=features[b : b + 1], cls_attn=attn[b : b + 1]))
         assert alone.source[0].tolist() == got  # batch = per sample
+        fixed = build_method("vispruner", retention=tokens / N, important_ratio=ratio)
+        assert fixed(VisionSignals(features=features, cls_attn=attn)).source[b].tolist() == got
 
 
 def test_odd_residual_is_the_release_crash_in_official_and_handled_in_fixed() -> None:
     features, attn = realistic(2, seed=9)
     signals = VisionSignals(features=features, cls_attn=attn)
     with pytest.raises(ValueError) as err:  # T = 64, T_imp = 51: 525 residual tokens, odd
-        build_method("vispruner", retention=64 / N, important_ratio=0.8)(signals)
+        build_method("vispruner", retention=64 / N, important_ratio=0.8, variant="official")(
+            signals
+        )
     assert "odd" in str(err.value) and "variant=fixed" in str(err.value)
     assert "\n" not in str(err.value)
     for retention, ratio in ((64 / N, 0.8), (100 / N, 0.25), (0.1, 0.5)):

@@ -21,7 +21,8 @@ Variants:
 * ``official`` raises the release's error as one line when ``|R|`` is odd. The release indexes
   ``R // 2 - r`` survivors out of ``ceil(R / 2) - r``, which raises IndexError. It happens e.g. at
   T = 64 with ``important_ratio=0.8``, never for even ``T_imp`` with step 8.
-* ``fixed`` keeps all ``ceil(R / 2) - r`` survivors, so any T works.
+* ``fixed`` (the default) keeps all ``ceil(R / 2) - r`` survivors, so any T works. Wherever
+  the release runs (even residual lists), both variants give the same tokens (tested).
 
 Ties: the release sorts with a non-stable argsort (ties in arbitrary order); here ties go to
 the lower index or the earlier list position, the same on every device.
@@ -58,7 +59,7 @@ class VisPrunerConfig:
     retention: float = DEFAULT_RETENTION
     important_ratio: float = 0.5
     step: int = 8
-    variant: str = "official"
+    variant: str = "fixed"
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ def build(name: str = "vispruner", retention: float | None = None, **options: An
 
     check_options(name, options, ("important_ratio", "step", "variant"))
     check_retention(retention)
-    variant = options.get("variant", "official")
+    variant = options.get("variant", "fixed")
     if variant not in VARIANTS:
         raise ValueError(f"vispruner: variant={variant!r}; use one of {', '.join(VARIANTS)}")
     ratio = options.get("important_ratio", 0.5)
