@@ -151,6 +151,7 @@ class Evaluation:
             )
         self.sample_ids = self.benchmark.sample_ids()  # what the shards split (no image decoded)
         self.example_id = min(self.sample_ids, default=None)  # its prompt goes in the record
+        self.mine = owned_ids(self.sample_ids, self.world)  # this process's shard of every run
         self.command = launch_command()
         self.contents = self.fingerprint_inputs(bundle)
         self.bundle = bundle if bundle is not None else load_model(self.model_config())
@@ -315,7 +316,7 @@ class Evaluation:
         own = folder.path / samples_file(self.world)
         store = SampleStore(own)
         done = load_run_rows(folder.path, own=own)
-        mine = owned_ids(self.sample_ids, self.world)
+        mine = self.mine
         if done:
             log.info("resuming %s: %d samples already done", folder.path, len(done))
         device = self.bundle.device
@@ -370,8 +371,9 @@ class Evaluation:
                 "results.json as prompt_too_long), e.g. %s: %s",
                 len(too_long), too_long[0].sample_id, too_long[0].detail,
             )  # fmt: skip
-        report = self.benchmark.report()
+        report = self.benchmark.report()  # this process's samples: skipped, converted
         reference = None if spec.method == "none" else self.reference_dir()
+        context = record_context(self, spec, method, retention, notes, reference, report)
         folder.write_marker(self.world.name, {
             "rank": self.world.rank,
             "size": self.world.size,
@@ -390,8 +392,7 @@ class Evaluation:
             "skipped": list(report.get("skipped", [])),
             "converted": report.get("n_converted", 0),
             "peak_memory_mb": peak_memory(device),
-            "context": {**record_context(self, spec, method, retention, notes, reference),
-                        "command": self.command},
+            "context": {**context, "command": self.command},
         })  # fmt: skip
 
     def reference_dir(self) -> Path:

@@ -119,7 +119,8 @@ def slice_metrics(
 
 
 def record_context(evaluation: Any, spec: Any, method: BuiltMethod, retention: float | None,
-                   notes: list[str], reference_dir: Path | None) -> dict[str, Any]:  # fmt: skip
+                   notes: list[str], reference_dir: Path | None,
+                   report: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """What the record needs of the live evaluation, as JSON: each shard's marker carries it, so
     that the record can be built from the run folder alone (by the last shard to finish, or by
     ``recomp-eval-merge`` without loading a model).
@@ -129,13 +130,13 @@ def record_context(evaluation: Any, spec: Any, method: BuiltMethod, retention: f
         spec, method, retention: the run (``retention``: the effective one, None = adaptive).
         notes: remarks for the record (e.g. resumed across a contents change).
         reference_dir: the folder of the uncompressed run of the same setting (loyalty).
+        report: the benchmark's ``report()`` after this process's pass (its data source).
     """
     from dataclasses import asdict
 
     from omegaconf import OmegaConf
 
     cfg, bench_cfg = evaluation.cfg, evaluation.bench_cfg
-    report = evaluation.benchmark.report()
     limited = cfg.get("limit") if cfg.get("limit") is not None else bench_cfg.get("limit")
     return {
         "model": {

@@ -95,15 +95,7 @@ def test_bad_options_are_one_line(options: dict, needle: str) -> None:
 
 
 def test_runs_on_the_tiny_model() -> None:
-    from PIL import Image
+    from tiny_pipeline import kept_on_tiny
 
-    from recomp_eval.evaluate import load_model
-    from recomp_eval.pipeline import generate
-
-    bundle = load_model({"id": "tiny", "dtype": "float32", "device": "cpu"})
-    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green")]
-    method = build_method("vispruner", retention=0.25, variant="fixed")
-    results = generate(bundle, method, images, ["Q?", "What?"], ["Q?", "What?"], "llava15",
-                       ["a", "b"], max_new_tokens=2)  # fmt: skip
-    n = bundle.adapter.shapes(bundle).patches
-    assert [r.kept_tokens for r in results] == [budget_from_ratio(0.25, n)] * 2
+    kept, n = kept_on_tiny(build_method("vispruner", retention=0.25, variant="fixed"))
+    assert kept == [budget_from_ratio(0.25, n)] * 2

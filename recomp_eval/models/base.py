@@ -225,7 +225,7 @@ def required_signals(spec: Any) -> set[str]:
         needed.add("text_sim")
     if spec.needs_seeds:
         needed.add("seeds")
-    if getattr(spec, "projected", False):
+    if spec.projected:
         needed.add("projected")
     return needed
 
