@@ -92,6 +92,7 @@ def vision_side(
     seeds: torch.Tensor | None = None,
     cache: VisionCache | None = None,
     cache_key: tuple | None = None,
+    user_texts: Sequence[str] = (),
 ) -> tuple[Compressed, list[torch.Tensor]]:
     """Tower pass(es) -> signals (+ text signal) -> method -> projector, timed per stage.
 
@@ -106,7 +107,7 @@ def vision_side(
         tower_out = adapter.signals(bundle, done, spec, seeds)
     if spec.text is not None:
         with timer.stage("text"):
-            adapter.add_text_signal(bundle, tower_out, spec, questions, prompt_ids)
+            adapter.add_text_signal(bundle, tower_out, spec, questions, prompt_ids, user_texts)
     with timer.stage("compression"):
         compressed = method(tower_out.signals)
         features = adapter.project(bundle, compressed)  # B x [T_i, E]
@@ -167,6 +168,7 @@ def generate(
             seeds=seeds,
             cache=vision_cache,
             cache_key=VisionCache.key(sample_ids, batch.pixel_values),
+            user_texts=user_texts,
         )
         lengths = compressed.lengths.tolist()
         input_ids, attention_mask = adapter.expand_prompt(bundle, batch.prompt_ids, lengths)

@@ -191,3 +191,54 @@ def test_seeds_stable_and_distinct():
     a = sample_seeds(["x", "y", "x"])
     assert a.dtype == torch.int64 and a[0] == a[2] and a[0] != a[1] and (a >= 0).all()
     assert torch.equal(a, sample_seeds(["x", "y", "x"]))
+
+
+def test_text_segments_match_the_released_layout(bundle):
+    """CDPruner's long texts: the ids right-padded with id 0 / mask 0 to a multiple of 77,
+    each 77-id segment embedded on its own (the release does it per sample, batch 1)."""
+    from recomp_eval.signals.text import encode_text_embeddings
+
+    clip = load_clip_text(bundle.clip_text_id, "float32", "cpu")
+    long = " ".join(["a red square next to a blue circle"] * 12)  # > 77 CLIP tokens
+    texts = ["What is in the image?", long]
+    spec = TextSpec(max_len=77, output="embeddings", segments=True)
+    embeds, mask = encode_text_embeddings(clip, texts, spec)
+    assert mask[0].tolist() == [True] + [False] * (mask.shape[1] - 1) and mask[1].all()
+    assert mask.shape[1] > 1 and not embeds[0, 1:].any()
+    for i, text in enumerate(texts):
+        ids = clip.tokenizer(text=[text], return_tensors="pt")
+        segments = (ids.input_ids.shape[1] - 1) // 77 + 1
+        pad = 77 * segments - ids.input_ids.shape[1]
+        inputs = {k: torch.cat([v, v.new_zeros(1, pad)], 1).reshape(-1, 77) for k, v in ids.items()}
+        with torch.no_grad():
+            ref = clip.model(**inputs).text_embeds  # [M,D]
+        torch.testing.assert_close(embeds[i, : len(ref)], ref, atol=1e-5, rtol=1e-5)
+    one, one_mask = encode_text_embeddings(clip, texts, TextSpec(output="embeddings"))
+    assert one.shape[1] == 1 and one_mask.all()
+    torch.testing.assert_close(one[:, 0], encode_texts(clip, texts, TextSpec()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["ln_in_tower_dtype", "fp32"])
+def test_patch_embeds_are_the_projected_post_ln_feature_layer(bundle, pixels, mode):
+    clip = load_clip_text(bundle.clip_text_id, "float32", "cpu")
+    spec = SignalSpec(patch_embeds=mode)
+    with compress(bundle.model, BuiltMethod(name="probe", spec=spec, fn=identity)) as probe:
+        done = bundle.adapter.tower_pass(bundle, pixels, probe)
+        out = bundle.adapter.signals(bundle, done, spec)
+    tower = bundle.model.model.vision_tower
+    with torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
+        layer = hidden[bundle.model.config.vision_feature_layer][:, 1:]  # [B,N,C]
+        ref = clip.visual_projection(tower.post_layernorm(layer))  # [B,N,D]
+    assert out.signals.patch_embeds.dtype == torch.float32
+    torch.testing.assert_close(out.signals.patch_embeds, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_user_text_source_is_the_user_turn_and_needs_one_per_sample():
+    from recomp_eval.signals.text import select_texts
+
+    spec = TextSpec(source="user_text")
+    turns = ["What is red?\nAnswer the question using a single word or phrase."]
+    assert select_texts(spec, ["What is red?"], [[1, 2]], None, 0, turns) == turns
+    with pytest.raises(ValueError, match="one user turn per sample"):
+        select_texts(spec, ["What is red?"], [[1, 2]], None, 0, ())

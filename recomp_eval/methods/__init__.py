@@ -69,6 +69,10 @@ METHODS: dict[str, str] = {
     "fastv": "fastv",
     "divprune": "divprune",
     "vispruner": "vispruner",
+    "cdpruner": "cdpruner",
+    "trim": "trim",
+    "dart": "dart",
+    "pdrop": "pdrop",
 }
 
 

@@ -37,20 +37,31 @@ class Role(IntEnum):
 
 CLSAttention = Literal["concat_heads", "mean_heads"]
 KeyForm = Literal["full", "mean_heads"]
+# Joint-space patch embeddings of the feature layer, ``visual_projection(post_layernorm(z))``:
+# ``ln_in_tower_dtype`` = the layer norm in the tower's dtype, the projection in fp32 (CDPruner);
+# ``fp32`` = both in fp32 (TRIM).
+PatchEmbeds = Literal["ln_in_tower_dtype", "fp32"]
 
 
 @dataclass(frozen=True)
 class TextSpec:
     """How a text-guided method wants its question signal computed.
 
-    ``source``: ``question`` (dataset question, no protocol suffix), ``first_line`` (first line of the
+    ``source``: ``question`` (dataset question, no protocol suffix), ``user_text`` (the user turn:
+    question plus the protocol's answer-format suffix, TRIM), ``first_line`` (first line of the
     decoded full prompt, the released RC behaviour) or ``prompt`` (the whole rendered prompt).
     ``max_len``: CLIP context length. ``pool``: ``eot`` (HF ``text_embeds``) or ``last`` (position -1).
+    ``output``: ``similarity`` (the adapter sets ``VisionSignals.text_sim``, RC) or ``embeddings``
+    (it sets ``text_embeds`` and ``text_mask``; the method scores patches itself).
+    ``segments``: with ``embeddings``, split the untruncated token ids into ``max_len`` segments
+    (right-padded with id 0, mask 0) and embed each (CDPruner); otherwise one truncated segment.
     """
 
-    source: Literal["question", "first_line", "prompt"] = "question"
+    source: Literal["question", "user_text", "first_line", "prompt"] = "question"
     max_len: int = 77
     pool: Literal["eot", "last"] = "eot"
+    output: Literal["similarity", "embeddings"] = "similarity"
+    segments: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,7 @@ class SignalSpec:
     vit_passes: int = 1
     needs_seeds: bool = False
     projected: bool = False  # the projector's output per patch (DivPrune selects on it)
+    patch_embeds: PatchEmbeds | None = None  # joint-space patches of the feature layer
 
 
 @dataclass
@@ -90,8 +102,14 @@ class VisionSignals:
         grid: (H, W) patch grid with H * W == N.
         cls_feature: [B,C] the CLS row of the feature layer (VisionZip), or None.
         seeds: [B] int64 per-sample seeds (random baseline), or None.
-        projected: [B,N,D] the projector's output for every patch (what the LLM would see
-            uncompressed; DivPrune), in the model dtype, or None.
+        projected: [B,N,E] the projector's output for every patch (what the LLM would see
+            uncompressed; DivPrune, CDPruner), in the model dtype, or None.
+        patch_embeds: [B,N,D] fp32 joint-space patch embeddings of the feature layer,
+            ``visual_projection(post_layernorm(features))``, not normalised (CDPruner, TRIM), or
+            None.
+        text_embeds: [B,M,D] CLIP ``text_embeds`` per text segment (``M = 1`` unless
+            ``TextSpec.segments``), not normalised, in the text tower's dtype, or None.
+        text_mask: [B,M] bool, True at the segments a sample has (with ``text_embeds``).
     """
 
     features: torch.Tensor
@@ -102,6 +120,9 @@ class VisionSignals:
     cls_feature: torch.Tensor | None = None
     seeds: torch.Tensor | None = None
     projected: torch.Tensor | None = None
+    patch_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() != 3:
@@ -133,6 +154,28 @@ class VisionSignals:
             raise ValueError(
                 f"VisionSignals.cls_feature must be [B,C], got {list(self.cls_feature.shape)}"
             )
+        for name in ("projected", "patch_embeds"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 3 or tuple(value.shape[:2]) != (b, n)):
+                raise ValueError(
+                    f"VisionSignals.{name} must be [B,N,*] with B,N={b},{n}, got "
+                    f"{list(value.shape)}"
+                )
+        if self.text_embeds is not None:
+            if self.text_embeds.dim() != 3 or self.text_embeds.shape[0] != b:
+                raise ValueError(
+                    f"VisionSignals.text_embeds must be [B,M,D] with B={b}, got "
+                    f"{list(self.text_embeds.shape)}"
+                )
+            if self.text_mask is None:
+                self.text_mask = torch.ones(
+                    self.text_embeds.shape[:2], dtype=torch.bool, device=self.text_embeds.device
+                )
+            if tuple(self.text_mask.shape) != tuple(self.text_embeds.shape[:2]):
+                raise ValueError(
+                    f"VisionSignals.text_mask must be [B,M]={list(self.text_embeds.shape[:2])}, "
+                    f"got {list(self.text_mask.shape)}"
+                )
         if self.seeds is not None and tuple(self.seeds.shape) != (b,):
             raise ValueError(f"VisionSignals.seeds must be [B]={b}, got {list(self.seeds.shape)}")
 

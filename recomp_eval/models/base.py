@@ -51,7 +51,10 @@ def check_prompt(prompt: str, text: str, image_token: str, protocol: str) -> Non
 
 
 # The signals a family can supply to pre-LLM methods (names of VisionSignals fields).
-SIGNALS = ("features", "cls_attn", "keys", "cls_feature", "text_sim", "seeds", "projected")
+SIGNALS = (
+    "features", "cls_attn", "keys", "cls_feature", "text_sim", "seeds", "projected",
+    "patch_embeds", "text_embeds",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,11 @@ class ModelAdapter(Protocol):
         spec: Any,
         questions: Sequence[str],
         prompt_ids: Sequence[Sequence[int]],
+        user_texts: Sequence[str] = (),
     ) -> None:
-        """Set ``tower_out.signals.text_sim`` [B,N] for a text-guided method."""
+        """Set ``tower_out.signals.text_sim`` [B,N] (``spec.text.output == "similarity"``) or
+        ``text_embeds`` [B,M,D] and ``text_mask`` [B,M] (``"embeddings"``) for a text-guided
+        method; ``user_texts`` are the user turns (question plus protocol suffix)."""
 
     def project(self, bundle: ModelBundle, compressed: Any) -> list[torch.Tensor]:
         """B x [T_i, E] LLM inputs for the kept tokens."""
@@ -222,9 +228,11 @@ def required_signals(spec: Any) -> set[str]:
     if spec.cls_feature:
         needed.add("cls_feature")
     if spec.text is not None:
-        needed.add("text_sim")
+        needed.add("text_embeds" if spec.text.output == "embeddings" else "text_sim")
     if spec.needs_seeds:
         needed.add("seeds")
+    if spec.patch_embeds is not None:
+        needed.add("patch_embeds")
     if spec.projected:
         needed.add("projected")
     return needed

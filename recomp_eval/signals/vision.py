@@ -172,6 +172,38 @@ def joint_space_similarity(
     return torch.einsum("bd,bnd->bn", t, p) * dim**-0.5  # [B,N]
 
 
+def joint_space_patches(
+    features: torch.Tensor,
+    post_layernorm: torch.nn.Module,
+    visual_projection: torch.nn.Module,
+    mode: str,
+) -> torch.Tensor:
+    """Joint-space embeddings of feature-layer patches, ``visual_projection(post_layernorm(z))``.
+
+    Args:
+        features: [B,N,C] patch rows of the feature layer (CLS removed), tower dtype.
+        post_layernorm: the tower's final LayerNorm (C).
+        visual_projection: the CLIP pair's Linear C -> D (no bias).
+        mode: ``ln_in_tower_dtype`` (layer norm in the features' dtype, projection in fp32:
+            CDPruner) or ``fp32`` (both in fp32: TRIM).
+    Returns:
+        [B,N,D] float32, not normalised.
+    """
+    if mode == "fp32":
+        ln = post_layernorm
+        normed = torch.nn.functional.layer_norm(
+            features.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps
+        )  # [B,N,C]
+    elif mode == "ln_in_tower_dtype":
+        normed = post_layernorm(features).float()  # [B,N,C]
+    else:
+        raise ValueError(f"unknown patch_embeds mode '{mode}'; use ln_in_tower_dtype or fp32")
+    bias = visual_projection.bias
+    return torch.nn.functional.linear(
+        normed, visual_projection.weight.float(), None if bias is None else bias.float()
+    )  # [B,N,D]
+
+
 def sample_seeds(sample_ids: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """[B] int64 seeds, a stable hash (SHA-256) of each sample id (same across processes)."""
     seeds = [

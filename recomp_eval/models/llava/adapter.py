@@ -322,18 +322,39 @@ class LlavaAdapter:
         return last_hidden_state(bundle.model, pixel_values)
 
     def signals(self, bundle, done, spec, seeds=None) -> TowerOutput:
-        return signals_from_pass(bundle.model, done, spec, seeds)
+        """The tower pass's signals; ``spec.patch_embeds`` adds the feature-layer patches in the
+        CLIP joint space (the tower's ``post_layernorm``, the CLIP pair's ``visual_projection``)."""
+        out = signals_from_pass(bundle.model, done, spec, seeds)
+        if spec.patch_embeds is not None:
+            from recomp_eval.models.llava.loader import load_clip_text
+            from recomp_eval.signals.vision import joint_space_patches
 
-    def add_text_signal(self, bundle, tower_out, spec, questions, prompt_ids) -> None:
-        """CLIP text embedding of the question (as ``spec.text`` picks it) against the patches
-        projected by the CLIP checkpoint's ``visual_projection``."""
+            clip = load_clip_text(bundle.clip_text_id, bundle.dtype, bundle.device,
+                                  llava_model=bundle.model)  # fmt: skip
+            out.signals.patch_embeds = joint_space_patches(
+                out.signals.features,
+                vision_tower(bundle.model).post_layernorm,
+                clip.visual_projection,
+                spec.patch_embeds,
+            )  # [B,N,D]
+        return out
+
+    def add_text_signal(self, bundle, tower_out, spec, questions, prompt_ids,
+                        user_texts=()) -> None:  # fmt: skip
+        """CLIP text embedding of the text ``spec.text`` picks: against the patches projected by
+        the CLIP checkpoint's ``visual_projection`` (``text_sim``), or as vectors
+        (``text_embeds``, ``text_mask``) for methods that score patches themselves."""
         from recomp_eval.models.llava.loader import load_clip_text
-        from recomp_eval.signals.text import encode_texts, select_texts
+        from recomp_eval.signals.text import encode_text_embeddings, encode_texts, select_texts
 
         clip = load_clip_text(bundle.clip_text_id, bundle.dtype, bundle.device,
                               llava_model=bundle.model)  # fmt: skip
         texts = select_texts(spec.text, questions, prompt_ids, bundle.tokenizer,
-                             bundle.image_token_id)  # fmt: skip
+                             bundle.image_token_id, user_texts)  # fmt: skip
+        if spec.text.output == "embeddings":
+            embeds, mask = encode_text_embeddings(clip, texts, spec.text)  # [B,M,D], [B,M]
+            tower_out.signals.text_embeds, tower_out.signals.text_mask = embeds, mask
+            return
         text_embeds = encode_texts(clip, texts, spec.text)  # [B,D]
         add_text_signal(tower_out, text_embeds, clip.visual_projection)
 
