@@ -4,10 +4,11 @@ Compares against the loop oracle of the released RC code (``recomp_eval/rc_oracl
 time) and one CLIP ViT-L/14-336 forward pass with random weights (the "RC costs <= 5 % of a ViT
 pass" target). CPU runs use one thread; CUDA runs are added when a GPU is present.
 
-    python scripts/bench_compression.py [--quick] [--out results/bench]
+    python scripts/bench_compression.py [--quick] [--out results/bench] [--methods cdpruner trim]
 
 Writes ``compression.json`` (every timing, environment) and ``compression.md`` (table: method,
-device, B, median ms, x faster than the oracle, % of one ViT pass at the same B and device).
+device, B, median ms, x faster than the oracle, % of one ViT pass at the same B and device);
+with ``--methods``, ``compression_<methods>.json`` / ``.md`` beside them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from recomp_eval.methods import METHODS, VisionSignals, build_method  # noqa: E4
 from recomp_eval.rc_oracle import make_inputs, rc_single  # noqa: E402
 
 N_PATCHES, WIDTH, BATCHES = 576, 1024, (1, 8)
+JOINT = 768  # CLIP ViT-L/14 joint embedding width
 # extra RC configurations timed next to each registered method's defaults
 RC_VARIANTS = {
     "recomp[official]": dict(variant="official"),
@@ -76,13 +78,24 @@ def make_signals(batch: int, device: str, dtype: torch.dtype, key_width: int) ->
             @ torch.randn(WIDTH, 4096, generator=torch.Generator().manual_seed(1))
             / WIDTH**0.5
         ).to(device, dtype),
+        # CLIP joint space (D = 768, fp32 as the adapter gives it) and one text segment
+        patch_embeds=(
+            x["features"]
+            @ torch.randn(WIDTH, JOINT, generator=torch.Generator().manual_seed(2))
+            / WIDTH**0.5
+        ).to(device),
+        text_embeds=torch.randn(batch, 1, JOINT, generator=torch.Generator().manual_seed(3)).to(
+            device, dtype
+        ),
     )
 
 
-def build_all() -> tuple[dict[str, object], list[str]]:
-    """Configured methods by label, and notes for the ones skipped."""
+def build_all(only: list[str] | None = None) -> tuple[dict[str, object], list[str]]:
+    """Configured methods by label (``only``: these method names), and notes for the skipped."""
     built, notes = {}, []
     for name in METHODS:
+        if only and name not in only:
+            continue
         if name == "recomp":
             for label, kwargs in RC_VARIANTS.items():
                 built[label] = build_method("recomp", **kwargs)
@@ -148,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about 2-3 minutes)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--methods", nargs="+", default=None, help="time only these methods")
     args = parser.parse_args()
     # (warm-up calls, timed calls); one ViT-L pass at B=8 takes about a minute on one CPU thread
     warmup, repeats = (1, 5) if args.quick else (2, 15)
@@ -155,7 +169,7 @@ def main() -> None:
     oracle_reps = 3 if args.quick else 5
 
     torch.set_num_threads(1)
-    methods, notes = build_all()
+    methods, notes = build_all(args.methods)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
@@ -207,7 +221,9 @@ def main() -> None:
     )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "rows": rows, "notes": notes}
-    (args.out / "compression.json").write_text(json.dumps(payload, indent=2))
+    # a subset run (--methods) writes beside the full table instead of replacing it
+    stem = "compression" if not args.methods else "compression_" + "_".join(args.methods)
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     lines = [
         "| method | device | B | ms (median) | ms (min) | x faster than oracle (median / min) "
         "| % of ViT pass |",
@@ -224,7 +240,7 @@ def main() -> None:
         )
     lines += ["", f"torch {env['torch']}, {env['note']}, git {env['git'][:10]}", ""]
     lines += [f"- {n}" for n in notes]
-    (args.out / "compression.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
