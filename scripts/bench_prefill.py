@@ -10,12 +10,23 @@ built (the ratio per layer is what matters); on a GPU the full 32 layers.
 
 Writes ``results/bench/prefill_<device>.json`` and ``.md``. Target: at retention 0.1 the measured
 speed-up over K = 576 is at least 0.8x the analytic (SwiGLU-aware) FLOPs ratio.
+
+``--in-llm``: the in-LLM methods (FastV, DART, PyramidDrop) at retention 0.1 instead, through the
+real pruning path (:func:`recomp_eval.inject.llm_attention.llm_pruning` on a
+``LlavaForConditionalGeneration`` whose decoder has the 7B layer shape; the image features are
+given as ``mm_encoder_outputs``, 576 per sample). The analytic ratio comes from each method's
+per-layer visual counts. On CPU the decoder has 4 layers and every stage layer is scaled from
+32 to 4 (FastV/DART prune from layer 1, PyramidDrop at [1, 2, 3]); on a GPU 32 layers with the
+released layers. The cases are timed in a shuffled order in every round.
+
+    python scripts/bench_prefill.py --in-llm --batch-sizes 8 --reps 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +42,8 @@ N_PATCHES = 576
 TEXT_TOKENS = 40  # system prompt + question + answer format, as in LLaVA-1.5 prompts
 
 
-def build(layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+def llama_config(layers: int) -> LlamaConfig:
+    """LLaVA-1.5-7B's decoder shape with ``layers`` layers, sdpa attention."""
     cfg = LlamaConfig(
         hidden_size=4096,
         intermediate_size=11008,
@@ -42,6 +54,11 @@ def build(layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
         max_position_embeddings=4096,
     )
     cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build(layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+    cfg = llama_config(layers)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     return model.eval()
@@ -69,6 +86,136 @@ def time_prefill(model, batch: int, length: int, reps: int, device: str) -> floa
     return statistics.median(times)
 
 
+IMAGE_OFFSET = 35  # the vicuna_v1 system prompt up to <image>: text before the image rows
+VOCAB = 32000
+
+
+def scaled(layer: int, depth: int) -> int:
+    """A stage layer of the 32-layer 7B decoder placed at the same depth fraction (>= 1)."""
+    return max(1, round(layer * depth / 32))
+
+
+def in_llm_cases(depth: int) -> dict[str, tuple[str, dict]]:
+    """label -> (method, options) at retention 0.1, stage layers scaled to ``depth``."""
+    return {
+        "none": ("none", {}),
+        "fastv": ("fastv", {"k_layer": scaled(2, depth)}),
+        "dart": ("dart", {"k_layer": scaled(2, depth)}),
+        "pdrop": ("pdrop", {"layer_list": [scaled(x, depth) for x in (8, 16, 24)],
+                            "num_layers": depth}),
+    }  # fmt: skip
+
+
+def build_llava(layers: int, dtype: torch.dtype, device: str):
+    """LLaVA with a 7B-shape decoder of ``layers`` layers (the tiny tower is never run)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=56, patch_size=14)  # fmt: skip
+    text = llama_config(layers)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=VOCAB - 1)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(cfg).to(dtype)
+    return model.eval()
+
+
+@torch.inference_mode()
+def time_in_llm(model, batch: int, reps: int, device: str, depth: int) -> list[dict]:
+    """Median prefill seconds of each in-LLM case at retention 0.1, shuffled per round."""
+    from recomp_eval.inject.llm_attention import llm_pruning
+    from recomp_eval.methods import build_method
+    from recomp_eval.models.llava.adapter import image_features_arg
+
+    image_id, hidden = model.config.image_token_id, model.config.text_config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB - 2, (batch, TEXT_TOKENS + N_PATCHES), generator=g)
+    ids[:, IMAGE_OFFSET : IMAGE_OFFSET + N_PATCHES] = image_id
+    ids, mask = ids.to(device), torch.ones_like(ids, device=device)
+    feats = image_features_arg(
+        list((torch.randn(batch, N_PATCHES, hidden, generator=g) * 0.02).to(device, model.dtype))
+    )
+    methods = {label: build_method(name, retention=None if name == "none" else 0.1, **opts)
+               for label, (name, opts) in in_llm_cases(depth).items()}  # fmt: skip
+    times: dict[str, list[float]] = {label: [] for label in methods}
+    counts: dict[str, list[int]] = {}
+    order = list(methods)
+    rng = random.Random(0)
+    for i in range(reps + 1):  # round 0 is a warm-up of every case
+        rng.shuffle(order)
+        for label in order:
+            method = methods[label]
+            sync(device)
+            start = time.perf_counter()
+            if method.llm is None:
+                model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=feats,
+                      logits_to_keep=1)  # fmt: skip
+            else:
+                with llm_pruning(model, method.llm, image_id) as probe:
+                    model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=feats,
+                          logits_to_keep=1)  # fmt: skip
+                counts[label] = probe.per_layer_counts[:, 0].tolist()
+            sync(device)
+            if i:
+                times[label].append(time.perf_counter() - start)
+    shape = DecoderShape(hidden=hidden, intermediate=model.config.text_config.intermediate_size,
+                         layers=depth, kv_hidden=hidden)  # fmt: skip
+    full = prefill_flops(TEXT_TOKENS + N_PATCHES, shape)
+    base = statistics.median(times["none"])
+    rows = []
+    for label, (name, opts) in in_llm_cases(depth).items():
+        per_layer = counts.get(label, [N_PATCHES] * depth)
+        analytic = full / prefill_flops([TEXT_TOKENS + c for c in per_layer], shape)
+        seconds = statistics.median(times[label])
+        rows.append({
+            "batch": batch, "method": label, "options": opts, "retention": 1.0 if name == "none" else 0.1,
+            "mean_visual_tokens": statistics.fmean(per_layer), "per_layer": per_layer,
+            "prefill_ms": seconds * 1e3, "prefill_ms_min": min(times[label]) * 1e3,
+            "speedup": base / seconds, "analytic_speedup": analytic,
+            "efficiency": base / seconds / analytic, "reps": reps,
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main_in_llm(args, on_gpu: bool, dtype: torch.dtype) -> None:
+    depth = args.layers or (32 if on_gpu else 4)
+    model = build_llava(depth, dtype, args.device)
+    rows = [
+        r for b in args.batch_sizes for r in time_in_llm(model, b, args.reps, args.device, depth)
+    ]
+    device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    meta = {
+        "device": args.device, "device_name": device_name, "dtype": str(dtype), "layers": depth,
+        "threads": torch.get_num_threads(), "text_tokens": TEXT_TOKENS, "torch": torch.__version__,
+        "target_met": {f"{r['method']}@{r['batch']}": r["efficiency"] >= 0.8
+                       for r in rows if r["method"] != "none"},
+    }  # fmt: skip
+    tag = "cuda" if on_gpu else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"prefill_in_llm_{tag}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1)
+    )
+    lines = [
+        f"In-LLM pruning prefill at retention 0.1, LLaVA-1.5-7B layer shape, {depth} layer(s), "
+        f"{dtype}, {device_name}, {TEXT_TOKENS} text + {N_PATCHES} image tokens; speed-up "
+        f"relative to `none` in the same run (cases shuffled per round, {args.reps} timed rounds).",
+        "",
+        "| B | method | stage options | mean visual tokens over layers | prefill ms (median / min) "
+        "| speed-up | analytic | measured / analytic |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for x in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in x["options"].items()) or "-"
+        lines.append(
+            f"| {x['batch']} | {x['method']} | {opts} | {x['mean_visual_tokens']:.1f} | "
+            f"{x['prefill_ms']:.0f} / {x['prefill_ms_min']:.0f} | {x['speedup']:.2f}x | "
+            f"{x['analytic_speedup']:.2f}x | {x['efficiency']:.2f} |"
+        )
+    (args.out / f"prefill_in_llm_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,12 +229,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--in-llm", action="store_true", help="FastV, DART, PyramidDrop at 0.1")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     layers = args.layers or (32 if on_gpu else 2)
     dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.in_llm:
+        return main_in_llm(args, on_gpu, dtype)
     model = build(layers, dtype, args.device)
     shape = DecoderShape(hidden=4096, intermediate=11008, layers=32, kv_hidden=4096)
     full = TEXT_TOKENS + N_PATCHES
