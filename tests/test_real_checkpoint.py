@@ -507,7 +507,11 @@ def _build_any(name: str, **kwargs):
 
 
 # FastV's default K=2 needs a third decoder layer; the small LLM has two.
-OPTIONS = {"fastv": {"k_layer": 1}}
+OPTIONS = {  # the in-LLM methods' stages fitted to the 2-layer LLM
+    "fastv": {"k_layer": 1},
+    "dart": {"k_layer": 1},
+    "pdrop": {"layer_list": [1], "ratios": [0.5]},
+}
 CASES = [(name, OPTIONS.get(name, {})) for name in sorted(METHODS)] + [
     ("recomp", {"variant": "official"})
 ]
