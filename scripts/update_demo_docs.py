@@ -20,10 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-SECTIONS = {  # README marker -> table file of the demo
+SECTIONS = {  # README marker -> table file of the demo (the slice tables live in docs/demo/)
     "accuracy": "accuracy.md",
-    "slices-gqa-size": "slices_gqa_size.md",
-    "slices-gqa-near-large": "slices_gqa_near_large.md",
 }
 COPIED = ("*.md", "*.csv", "*.tex", "plots/*.png")
 CHECKED = ("accuracy.", "slices")  # the files --check compares (see below)
