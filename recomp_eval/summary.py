@@ -118,6 +118,28 @@ def slice_metrics(
     return out
 
 
+def requested_and_achieved(
+    method: BuiltMethod, retention: float | None, shapes: Any, kept: list[float]
+) -> dict[str, float | None]:
+    """Visual tokens asked for and given, for the record's ``tokens``.
+
+    ``requested``: ``budget_from_ratio(retention, N)`` (None for an adaptive or released budget).
+    ``achieved``: pre-LLM methods, the mean tokens the LLM received; in-LLM methods, the image
+    tokens at the input of the last decoder layer (their ``kept tokens`` is the mean over
+    layers). Where a count rule differs from the request (DART's ``4 + 8 (M // 8)``, TRIM's
+    mean token, PyramidDrop's floors), the two differ.
+    """
+    from recomp_eval.methods.base import budget_from_ratio
+
+    n = shapes.patches
+    requested = None if retention is None else budget_from_ratio(float(retention), n)
+    if method.llm is not None:
+        achieved = float(method.llm.visual_counts(n, shapes.decoder.layers)[-1])
+    else:
+        achieved = statistics.fmean(kept) if kept else None
+    return {"requested": requested, "achieved": achieved}
+
+
 def record_context(evaluation: Any, spec: Any, method: BuiltMethod, retention: float | None,
                    notes: list[str], reference_dir: Path | None,
                    report: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
@@ -272,6 +294,7 @@ def build_record(
     }
     world["timing"] = timing_note(shards, processes)
     experiments = {m["context"]["experiment"] for m in shards} - {None}
+    shapes = _shapes(context["shapes"])
     return RunRecord(
         run_key=document["run_key"],
         model=context["model"],
@@ -285,9 +308,10 @@ def build_record(
             "min": min(kept, default=float("nan")),
             "max": max(kept, default=float("nan")),
             "requested_retention": method_doc["retention"],
+            **requested_and_achieved(method, method_doc["retention"], shapes, kept),
         },
         latency_ms=latency_summary(rows),
-        flops=flops_summary(_shapes(context["shapes"]), method, rows),
+        flops=flops_summary(shapes, method, rows),
         samples={
             "evaluated": len(rows),
             "total": len(rows) + len(skipped),

@@ -65,12 +65,17 @@ def test_every_method_runs_end_to_end(data_root: Path, tmp_path: Path, bundle) -
         " {method: recomp, retention: 0.25}, {method: prumerge}, {method: prumerge_plus},"
         " {method: visionzip, retention: 0.5}, {method: fastervlm, retention: 0.25},"
         " {method: fastv, retention: 0.5}, {method: random, retention: 0.25},"
-        " {method: pool, retention: 0.25}]"
+        " {method: pool, retention: 0.25}, {method: cdpruner, retention: 0.25},"
+        " {method: divprune, retention: 0.25}, {method: trim},"
+        " {method: trim, retention: 0.25, options: {variant: fixed}},"
+        " {method: vispruner, retention: 0.25}, {method: dart, retention: 0.25},"
+        " {method: pdrop, options: {layer_list: [1, 2], ratios: [0.5, 0.25]}}]"
     )
     records = evaluate(config(data_root, tmp_path, "pope", runs), bundle)
     assert [r.method["name"] for r in records] == [
         "none", "recomp", "recomp", "prumerge", "prumerge_plus", "visionzip", "fastervlm",
-        "fastv", "random", "pool",
+        "fastv", "random", "pool", "cdpruner", "divprune", "trim", "trim", "vispruner", "dart",
+        "pdrop",
     ]  # fmt: skip
     n_patches = 64  # tiny vision tower: 8 x 8 patches
     for rec in records:
@@ -81,6 +86,12 @@ def test_every_method_runs_end_to_end(data_root: Path, tmp_path: Path, bundle) -
     by_label = {(r.method["name"], r.method["retention"]): r for r in records}
     assert by_label[("none", None)].tokens["mean"] == n_patches
     assert by_label[("fastervlm", 0.25)].tokens["max"] == 16
+    # requested vs achieved: DART's count rule 4 + 8 (M // 8) and PyramidDrop's floors
+    assert (by_label[("dart", 0.25)].tokens["requested"], by_label[("dart", 0.25)].tokens[
+        "achieved"]) == (16, 20)  # fmt: skip
+    assert by_label[("pdrop", None)].tokens["achieved"] == 16  # int(64 * 0.25) at the last layer
+    assert by_label[("trim", 0.25)].tokens["requested"] == 16 == by_label[("trim", 0.25)].tokens[
+        "achieved"]  # fmt: skip
     # compressed runs carry loyalty against the vanilla run of the same setting
     assert "pope/loyalty/agreement" in by_label[("fastervlm", 0.25)].metrics
     rows = samples_of(by_label[("recomp", 0.25)])
