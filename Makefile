@@ -30,7 +30,7 @@ DEMO_BENCHMARKS ?= gqa,vqav2,textvqa,pope,mme
 eval: $(VENV)/.installed ## offline demo: every method on SynthVQA with synth-llava (CPU, minutes)
 	$(PY) scripts/make_synth.py --out $(DEMO_ROOT)/synth --skip-existing
 	$(VENV)/bin/recomp-eval -m experiment=synth_demo benchmark=$(DEMO_BENCHMARKS) paths.root=$(DEMO_ROOT) $(ARGS)
-	$(VENV)/bin/recomp-eval-tables --root $(DEMO_ROOT)/raw --experiment synth_demo --out $(DEMO_ROOT)/tables --print-slices slices_gqa_size slices_gqa_near_large
+	$(VENV)/bin/recomp-eval-tables --root $(DEMO_ROOT)/raw --experiment synth_demo --out $(DEMO_ROOT)/tables --print-slices slices_gqa_size slices_gqa_near_large targets_gqa
 
 demo-docs: $(VENV)/.installed ## after `make eval`: copy the demo tables into docs/demo/ and the README
 	$(PY) scripts/update_demo_docs.py --tables $(DEMO_ROOT)/tables --docs docs/demo --readme README.md

@@ -6,8 +6,10 @@
 
 writes ``accuracy`` (methods x benchmarks, average % of none), ``accuracy_long`` (every run with
 its CI, n, skipped, paired comparison, run key), ``efficiency`` (tokens, FLOPs, latency, memory)
-and ``slices_<benchmark>_<tag>`` (SynthVQA slices), each as ``.md``, ``.csv`` and ``.tex``
-(caption, best value per column in bold), plus ``plots/<benchmark>-<model>-<protocol>.png``.
+``slices_<benchmark>_<tag>`` (SynthVQA slices) and, where the data knows each question's target
+object, ``targets_<benchmark>`` and ``target_slices_<benchmark>_<tag>`` (target recall,
+localisation), each as ``.md``, ``.csv`` and ``.tex`` (caption, best value per column in bold),
+plus ``plots/<benchmark>-<model>-<protocol>.png`` and ``plots/target_recall_<benchmark>.png``.
 Two different runs of one cell stop the table (``--on-conflict rows`` shows both).
 """
 
@@ -28,6 +30,7 @@ from recomp_eval.report.tables import (
     score_runs,
     slice_tables,
 )
+from recomp_eval.report.targets import plot_target_recall, target_slice_tables, target_table
 
 
 def plot_frame(scored: list[Any]):
@@ -70,18 +73,23 @@ def write_tables(
         "efficiency": efficiency_table(scored, sets, notes),
     }
     slices = slice_tables(scored, sets)
-    files = [p for t in [*tables.values(), *slices] for p in t.write(out)]
-    if slices:
-        text = "\n".join(t.to_markdown() for t in slices)
-        (out / "slices.md").write_text(text)
-        files.append(out / "slices.md")
+    benches = sorted({s.run.benchmark for s in scored})
+    targets = [t for b in benches if (t := target_table(scored, sets, b)) is not None]
+    targets += target_slice_tables(scored, sets)
+    files = [p for t in [*tables.values(), *slices, *targets] for p in t.write(out)]
+    for name, group in (("slices.md", slices), ("targets.md", targets)):
+        if group:
+            (out / name).write_text("\n".join(t.to_markdown() for t in group))
+            files.append(out / name)
     figures = []
     if plots:
         from recomp_eval.report.plots import plot_runs
 
         figures = plot_runs(plot_frame(scored), out / "plots")
-    return {**tables, "slices": slices, "scored": scored, "files": files, "plots": figures,
-            "left_out": selection.left_out}  # fmt: skip
+        if targets:
+            figures += plot_target_recall(scored, out / "plots")
+    return {**tables, "slices": slices, "targets": targets, "scored": scored, "files": files,
+            "plots": figures, "left_out": selection.left_out}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"recomp-eval-tables: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(result["accuracy"].to_markdown())
-    for table in result["slices"]:
+    for table in [*result["slices"], *result["targets"]]:
         if table.name in args.print_slices:
             print(table.to_markdown())
     print(

@@ -281,14 +281,16 @@ class Evaluation:
             vision_cache=self.vision_cache,
             do_sample=bool(self.settings["do_sample"]),
         )
+        masks = self.benchmark.targets([p.sample_id for p in batch], self.shapes.grid)
         # the prompt is kept on each batch's first row, and on the run's first sample in id order
         # (the record's example prompt, the same whatever the batches or the world size)
         return [
             sample_row(
-                p.sample, res, warm=warm, first=p is batch[0] or p.sample_id == self.example_id
+                p.sample, res, warm=warm, first=p is batch[0] or p.sample_id == self.example_id,
+                target_mask=masks.get(p.sample_id),
             )
             for p, res in zip(batch, results)
-        ]
+        ]  # fmt: skip
 
     def run(self, spec: RunSpec, method: BuiltMethod) -> RunRecord | None:
         """Evaluate this process's shard of one run; returns the run's record if this process

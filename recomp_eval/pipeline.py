@@ -111,6 +111,8 @@ def vision_side(
     with timer.stage("compression"):
         compressed = method(tower_out.signals)
         features = adapter.project(bundle, compressed)  # B x [T_i, E]
+    if tower_out.signals.cls_attn is not None:  # for diagnostics (where the method looked)
+        compressed.patch_scores.setdefault("cls_attn", tower_out.signals.cls_attn)  # [B,N]
     return compressed, features
 
 
@@ -219,4 +221,5 @@ def _to_cpu(c: Compressed) -> Compressed:
         role=c.role.cpu(),
         members=c.members.cpu(),
         stats={k: v.detach().cpu() for k, v in c.stats.items()},
+        patch_scores={k: v.detach().float().cpu() for k, v in c.patch_scores.items()},
     )

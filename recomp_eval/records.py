@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 SCHEMA_VERSION = 2  # 2: run identity covers checkpoint/data contents (identity, run_dir fields)
 PACKAGES = (
@@ -84,18 +84,44 @@ class SampleRow(TypedDict):
     warmup: bool  # batch excluded from latency statistics
     keep_map: str | None  # recomp_eval.keepmap code string of the kept/merged patches
     prompt: str | None  # the rendered prompt, on the first row of each batch only
+    # questions whose target object is known (SynthVQA): its patch mask ("0"/"1" per patch) and
+    # where the method looked (recomp_eval.metrics.targets: recall, precision, AUROC per score)
+    target_mask: NotRequired[str]
+    target: NotRequired[dict[str, float | int | None]]
 
 
-def sample_row(sample: Any, result: Any, warm: bool, first: bool) -> SampleRow:
+def target_entry(codes: str, mask: Any, scores: dict[str, Any]) -> dict[str, float | int | None]:
+    """Target recall/precision of a keep map and the localisation of each per-patch score.
+
+    Args:
+        codes: the sample's keep-map string (N codes).
+        mask: [N] bool target patches.
+        scores: name -> [1,N] per-patch scores (``Compressed.patch_scores`` of the sample);
+            each adds ``<name>_auroc`` and ``<name>_first_rank``.
+    """
+    from recomp_eval.metrics.targets import localisation, target_stats
+
+    entry: dict[str, float | int | None] = dict(target_stats(codes, mask))
+    for name, score in sorted(scores.items()):
+        loc = localisation(score[0].float().numpy(), mask)
+        entry[f"{name}_auroc"] = loc["auroc"]
+        entry[f"{name}_first_rank"] = loc["first_rank"]
+    return entry
+
+
+def sample_row(
+    sample: Any, result: Any, warm: bool, first: bool, target_mask: Any = None
+) -> SampleRow:
     """The row of one generated sample (``sample``: a benchmark Sample, ``result``: its
-    :class:`~recomp_eval.pipeline.GenerationResult`)."""
+    :class:`~recomp_eval.pipeline.GenerationResult`; ``target_mask``: [N] bool patches of the
+    object the question asks about, when the benchmark knows it)."""
     from recomp_eval import keepmap
 
     codes = None
     if result.compressed is not None:
         c = result.compressed
         codes = keepmap.encode(keepmap.keep_map(c.role[0], c.source[0], c.members[0]))
-    return SampleRow(
+    row = SampleRow(
         sample_id=sample.sample_id,
         question=sample.question,
         answers=sample.answers,
@@ -110,6 +136,12 @@ def sample_row(sample: Any, result: Any, warm: bool, first: bool) -> SampleRow:
         keep_map=codes,
         prompt=result.prompt if first else None,
     )
+    if target_mask is not None and codes is not None:
+        from recomp_eval.synth.targets import encode_mask
+
+        row["target_mask"] = encode_mask(target_mask)
+        row["target"] = target_entry(codes, target_mask, result.compressed.patch_scores)
+    return row
 
 
 def stable_hash(payload: Any, length: int = 16) -> str:

@@ -118,6 +118,64 @@ def slice_metrics(
     return out
 
 
+# per-sample diagnostics of recomp_eval.metrics.targets averaged per run (with CIs) and per slice
+TARGET_STATS = (
+    "recall_kept", "recall_absorbed", "recall_seen", "recall_summary", "precision",
+    "text_on_target", "text_auroc", "text_first_rank", "cls_attn_auroc", "cls_attn_first_rank",
+)  # fmt: skip
+TARGET_SLICE_STATS = ("recall_kept", "recall_seen", "text_auroc")
+
+
+def target_metrics(
+    rows: list[dict[str, Any]], bench: str, data_dir: str | None
+) -> dict[str, float]:
+    """Run means of the per-sample target diagnostics (rows with a ``target`` entry).
+
+    Keys: ``<bench>/target/<stat>`` with ``_lo``/``_hi`` (95 % percentile bootstrap over the
+    questions, :func:`~recomp_eval.metrics.loyalty.paired_bootstrap_ci`, seed 0) and ``_n`` (the
+    questions the stat is defined for), and per SynthVQA tag value
+    ``<bench>/target_slice/<tag>=<value>/<stat>`` (and ``.../n``).
+    """
+    import numpy as np
+
+    from recomp_eval.metrics.loyalty import paired_bootstrap_ci
+
+    with_target = [r for r in rows if r.get("target")]
+    if not with_target:
+        return {}
+    out: dict[str, float] = {}
+
+    def values(subset: list[dict[str, Any]], stat: str) -> np.ndarray:
+        got = [r["target"].get(stat) for r in subset]
+        return np.asarray([v for v in got if v is not None], dtype=np.float64)
+
+    for stat in TARGET_STATS:
+        v = values(with_target, stat)
+        if v.size:
+            low, high = paired_bootstrap_ci(v)
+            key = f"{bench}/target/{stat}"
+            out.update({key: float(v.mean()), f"{key}_lo": low, f"{key}_hi": high,
+                        f"{key}_n": float(v.size)})  # fmt: skip
+    if data_dir and (Path(data_dir) / "tags.parquet").exists():
+        from recomp_eval.synth.writers import read_tags
+
+        tags = read_tags(data_dir)
+        for tag in SLICE_TAGS:
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for row in with_target:
+                value = tags.get(row["sample_id"], {}).get(tag)
+                if value is not None:
+                    groups.setdefault(str(value), []).append(row)
+            for value, subset in sorted(groups.items()):
+                prefix = f"{bench}/target_slice/{tag}={value}"
+                out[f"{prefix}/n"] = float(len(subset))
+                for stat in TARGET_SLICE_STATS:
+                    v = values(subset, stat)
+                    if v.size:
+                        out[f"{prefix}/{stat}"] = float(v.mean())
+    return out
+
+
 def requested_and_achieved(
     method: BuiltMethod, retention: float | None, shapes: Any, kept: list[float]
 ) -> dict[str, float | None]:
@@ -273,6 +331,7 @@ def build_record(
                                  metric_names=metric_names)  # fmt: skip
     metrics.update(slice_metrics(rows, bench, protocol, primary, metric_names,
                                  bench_cfg.get("data_dir")))  # fmt: skip
+    metrics.update(target_metrics(rows, bench, bench_cfg.get("data_dir")))
     kept = [float(r["kept_tokens"]) for r in rows]
     method_doc = context["method"]
     method = build_method(method_doc["name"], retention=context["spec_retention"],

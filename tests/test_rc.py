@@ -377,3 +377,29 @@ def test_method_config_file_builds_both_variants() -> None:
     assert build_method(name, **cfg).config == build_method("recomp").config
     cfg["variant"] = "official"
     assert build_method(name, **cfg).config == build_method("recomp", variant="official").config
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 1.0])
+def test_text_share_reserves_room_for_text_recovered_tokens(share: float) -> None:
+    x = make_inputs(seed=9, batch=3)
+    t = budget_from_ratio(0.1, N)
+    base = run(x, variant="paper", retention=0.1)
+    more = run(x, variant="paper", retention=0.1, text_share=share)
+    adaptive = run(x, variant="paper")  # the LOF counts before the budget
+    reserve = round(share * t)
+    for i in range(3):
+        lof_v, lof_t = int(adaptive.stats["n_visual"][i]), int(adaptive.stats["n_text"][i])
+        n_v, n_t = int(more.stats["n_visual"][i]), int(more.stats["n_text"][i])
+        assert n_t == min(lof_t, max(reserve, t - min(lof_v, t)))  # reserve first, then leftovers
+        assert n_v == min(lof_v, t - n_t)
+        assert int(more.lengths[i]) == t == int(base.lengths[i])
+        assert n_t >= int(base.stats["n_text"][i])
+        roles = more.sample(i).role[0]
+        assert int((roles == Role.TEXT).sum()) == n_t
+
+
+def test_text_share_needs_a_fixed_budget() -> None:
+    with pytest.raises(ValueError, match="fixed budget"):
+        build_method("recomp", text_share=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        build_method("recomp", retention=0.1, text_share=1.5)

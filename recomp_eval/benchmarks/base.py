@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -66,6 +67,10 @@ class Benchmark(Protocol):
     def __len__(self) -> int: ...
 
     def report(self) -> dict[str, Any]: ...
+
+    def targets(self, sample_ids: Sequence[str], grid: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Target-object patch masks per sample id (``{}`` when the data has none)."""
+        ...
 
 
 def _no_image() -> Image.Image:
@@ -129,6 +134,7 @@ class HubBenchmark:
         self.bad: list[BadSample] = []
         self.converted: dict[str, str] = {}
         self._table = None
+        self._tags: dict[str, dict[str, Any]] | None = None  # SynthVQA tags, read on first use
         self._indices: list[int] | None = None
         self.source: SplitSource | None = None
 
@@ -256,6 +262,23 @@ class HubBenchmark:
             except BadImageError as err:
                 return (err.reason, err.detail)
         return None
+
+    def targets(self, sample_ids: Sequence[str], grid: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Patch masks ``[H*W]`` bool of the object each question asks about, on the model's
+        ``grid``, for the samples that have one.
+
+        A data folder that ships SynthVQA's ``tags.parquet`` supplies them (the scenes are
+        re-generated from their ``scene_id``; :mod:`recomp_eval.synth.targets`); the real
+        benchmarks return ``{}`` (GQA's scene-graph object boxes would be the next source).
+        """
+        if not self.data_dir or not (Path(self.data_dir) / "tags.parquet").exists():
+            return {}
+        from recomp_eval.synth.targets import masks_for
+        from recomp_eval.synth.writers import read_tags
+
+        if self._tags is None:
+            self._tags = read_tags(self.data_dir)
+        return masks_for(self._tags, sample_ids, grid)
 
     def report(self) -> dict[str, Any]:
         """Bad-record bookkeeping for the result record (valid after a full iteration)."""

@@ -223,6 +223,9 @@ class Compressed:
         members: [B,M,N] bool, the patches each output token absorbed (its own patch included).
         stats: per-sample [B] tensors with method-specific counts (e.g. ``n_visual``,
             ``n_text``, ``n_centres``) and flags (e.g. ``clamped``).
+        patch_scores: per-patch [B,N] scores the method ranked patches by, for diagnostics
+            (``text``: the question-patch score of a text-guided method; the pipeline adds
+            ``cls_attn`` when the signal was captured). Higher = more likely kept.
     """
 
     features: torch.Tensor
@@ -231,6 +234,7 @@ class Compressed:
     role: torch.Tensor
     members: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    patch_scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -252,6 +256,7 @@ class Compressed:
             role=self.role[i : i + 1, :t],
             members=self.members[i : i + 1, :t],
             stats={k: v[i : i + 1] for k, v in self.stats.items()},
+            patch_scores={k: v[i : i + 1] for k, v in self.patch_scores.items()},
         )
 
 

@@ -158,6 +158,7 @@ def compress(signals: VisionSignals, cfg: CDPrunerConfig) -> Compressed:
     keep = picks.sort(dim=1).values  # [B,T] raster order
     out = selection_output(x, keep, Role.KEPT)
     out.stats = {"n_tokens": out.lengths.clone(), "n_requested": out.lengths.clone()}
+    out.patch_scores["text"] = rel  # [B,N] the (negated) text relevance the kernel weighs by
     return out
 
 

@@ -96,6 +96,9 @@ class RCConfig:
     budget: str = "adaptive"
     retention: float | None = None  # fixed budget ratio (budget="fixed")
     shapes: str = "tight"  # output sizing, see module docstring
+    # fixed budget only: up to round(text_share * T) slots go to text-recovered tokens before the
+    # attention tokens take the rest (None: attention first, text gets what is left)
+    text_share: float | None = None
 
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():
@@ -110,6 +113,13 @@ class RCConfig:
             raise ValueError("budget='fixed' needs retention=r (a float in (0, 1])")
         if self.budget == "adaptive" and self.retention is not None:
             raise ValueError("retention=r sets a fixed budget; drop budget='adaptive' or retention")
+        if self.text_share is not None:
+            if isinstance(self.text_share, bool) or not 0.0 <= float(self.text_share) <= 1.0:
+                raise ValueError(f"text_share must be a share in [0, 1], got {self.text_share!r}")
+            if self.budget != "fixed":
+                raise ValueError(
+                    "text_share splits a fixed budget; set retention=r, or drop text_share"
+                )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -233,7 +243,8 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
         rank_s = torch.full_like(rank_a, n)
         text_bonus = torch.zeros_like(attn)
     if cfg.budget == "fixed":
-        n_vis = n_vis.clamp(max=budget)
+        reserve = 0 if cfg.text_share is None else round(float(cfg.text_share) * budget)
+        n_vis = torch.minimum(n_vis, budget - torch.clamp(n_txt, max=reserve))  # [B]
         is_v = rank_a < n_vis[:, None]
         n_txt = torch.minimum(n_txt, budget - n_vis)
     is_t = (rank_s < n_txt[:, None]) & ~is_v  # [B,N]
@@ -303,7 +314,10 @@ def compress(signals: VisionSignals, cfg: RCConfig) -> Compressed:
         "clamped": clamped,
         "fallback": fallback,
     }
-    return assemble(feats, keep_idx, n_keep, is_v, merge, n_ctr, n_sum, width_out, stats)
+    out = assemble(feats, keep_idx, n_keep, is_v, merge, n_ctr, n_sum, width_out, stats)
+    if use_text:
+        out.patch_scores["text"] = signals.text_sim  # [B,N] what step 2 ranked
+    return out
 
 
 def build(name: str = "recomp", variant: str = "paper", retention: float | None = None, **switches):

@@ -156,6 +156,7 @@ def compress(signals: VisionSignals, cfg: TrimConfig) -> Compressed:
         )
         stats["n_summary"] = torch.ones_like(keep)
     out.stats = {"n_tokens": out.lengths.clone(), "n_requested": out.lengths.clone(), **stats}
+    out.patch_scores["text"] = s  # [B,N] the score the selection ranks
     return out
 
 

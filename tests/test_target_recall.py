@@ -1,0 +1,114 @@
+"""Target recall end to end: SynthVQA target masks reach the rows, the record and the tables.
+
+The masks are checked against :mod:`recomp_eval.synth.targets` on the tiny model's grid, the
+diagnostics against hand-built keep maps through :func:`recomp_eval.records.target_entry`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from recomp_eval.config_path import CONFIG_DIR
+from recomp_eval.evaluate import evaluate, load_model
+from recomp_eval.keepmap import encode, keep_map
+from recomp_eval.methods.base import Role, selection_output
+from recomp_eval.records import target_entry
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_model({"id": "tiny", "dtype": "float32", "device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def synth_gqa(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from recomp_eval.synth.writers import write_benchmark
+
+    return write_benchmark("gqa", tmp_path_factory.mktemp("synth"), n_images=6)
+
+
+def _rows(record) -> list[dict]:
+    folder = Path(record.run_dir)
+    return [json.loads(line) for f in sorted(folder.glob("samples*.jsonl"))
+            for line in f.read_text().splitlines() if line.strip()]  # fmt: skip
+
+
+def test_masks_rows_record_and_tables(synth_gqa: Path, tmp_path: Path, bundle) -> None:
+    from recomp_eval.aggregate import write_tables
+    from recomp_eval.synth.targets import decode_mask, target_mask
+    from recomp_eval.synth.writers import read_tags
+
+    runs = ("runs=[{method: none}, {method: recomp, retention: 0.25, options: {variant: paper}},"
+            " {method: random, retention: 0.25}]")  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="eval", overrides=[
+            "benchmark=gqa", f"benchmark.data_dir={synth_gqa}", f"paths.root={tmp_path}",
+            "runner.max_new_tokens=2", runs])  # fmt: skip
+    records = evaluate(cfg, bundle)
+    tags = read_tags(synth_gqa)
+    grid = bundle.adapter.shapes(bundle).grid
+    by_name = {r.method["name"]: r for r in records}
+    for record in records:
+        rows = _rows(record)
+        with_target = [r for r in rows if tags[r["sample_id"]]["target"]]
+        assert with_target and all("target" in r for r in with_target)
+        assert not any("target" in r for r in rows if not tags[r["sample_id"]]["target"])
+        for row in with_target:
+            tag = tags[row["sample_id"]]
+            expected = target_mask(tag["scene_id"], tag["target"], grid)
+            assert np.array_equal(decode_mask(row["target_mask"]), expected)
+        m = record.metrics
+        assert m["gqa/target/recall_kept_lo"] <= m["gqa/target/recall_kept"]
+        assert m["gqa/target/recall_kept"] <= m["gqa/target/recall_kept_hi"]
+        assert m["gqa/target/recall_kept_n"] == len(with_target)
+        assert any(k.startswith("gqa/target_slice/size=") for k in m)
+    assert by_name["none"].metrics["gqa/target/recall_kept"] == 1.0  # every patch is kept
+    assert by_name["none"].metrics["gqa/target/precision"] < 1.0
+    rc = by_name["recomp"].metrics
+    assert 0.0 <= rc["gqa/target/text_auroc"] <= 1.0 and rc["gqa/target/recall_kept"] < 1.0
+    assert "gqa/target/text_auroc" not in by_name["random"].metrics  # no text score there
+    result = write_tables(tmp_path / "raw", tmp_path / "tables")
+    names = {t.name for t in result["targets"]}
+    assert "targets_gqa" in names and "target_slices_gqa_size" in names
+    assert (tmp_path / "tables" / "plots" / "target_recall_gqa.png").is_file()
+
+
+def test_real_benchmarks_have_no_targets(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from recomp_eval.benchmarks.fixtures import write_fixture
+    from recomp_eval.evaluate import build_benchmark
+
+    write_fixture("gqa", tmp_path)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="eval", overrides=["benchmark=gqa",
+                                                     f"benchmark.data_dir={tmp_path / 'gqa'}"])  # fmt: skip
+    bench = build_benchmark(OmegaConf.to_container(cfg.benchmark, resolve=True))
+    assert bench.targets(bench.sample_ids(), (24, 24)) == {}
+
+
+def _entry(keep: list[int], mask: np.ndarray, scores: dict | None = None) -> dict:
+    features = torch.zeros(1, mask.size, 4)
+    out = selection_output(features, torch.tensor([keep]), Role.KEPT)
+    codes = encode(keep_map(out.role[0], out.source[0], out.members[0]))
+    return target_entry(codes, mask, scores or {})
+
+
+def test_recall_is_one_when_the_target_is_kept_and_counts_a_hand_built_map() -> None:
+    mask = np.zeros(16, dtype=bool)
+    mask[[5, 6, 9, 10]] = True  # a 2 x 2 target in a 4 x 4 grid
+    forced = _entry([5, 6, 9, 10], mask)
+    assert forced["recall_kept"] == 1.0 and forced["precision"] == 1.0
+    half = _entry([0, 5, 9, 15], mask)
+    assert half["recall_kept"] == 0.5 and half["precision"] == 0.5
+    score = torch.zeros(1, 16)
+    score[0, [5, 6, 9, 10]] = 1.0
+    located = _entry([0], mask, {"text": score, "cls_attn": -score})
+    assert located["text_auroc"] == 1.0 and located["text_first_rank"] == 1
+    assert located["cls_attn_auroc"] == 0.0 and located["recall_kept"] == 0.0
