@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from recomp_eval.synth.scenes import IMAGE_SIZE, Scene, SynthObject, _draw_char, _draw_shape, make_scene
+from recomp_eval.synth.scenes import (
+    IMAGE_SIZE,
+    Scene,
+    SynthObject,
+    _draw_char,
+    _draw_shape,
+    make_scene,
+)
 
 Grid = int | tuple[int, int]
 
@@ -145,7 +152,7 @@ def target_coverage(
     mask = _pixel_mask(scene_id, target)  # [S,S]
     side = mask.shape[0]
     if image_size != side:
-        raise ValueError(f"scene {scene_id} is {side} px square, not {image_size} px")
+        raise ValueError(f"scene image {scene_id} is {side} px square, not {image_size} px")
     # Covered area per patch = Wr @ mask @ Wc^T with the per-pixel overlap weights: exact for
     # fractional patch edges, since a pixel is uniform (it is in the object or not).
     rows = _overlap_weights(h, side)  # [H,S]
