@@ -195,6 +195,16 @@ def check_pruner(pruner: Any) -> None:
         )
 
 
+def check_k_layer(method: str, k_layer: int, num_layers: int) -> None:
+    """One-stage methods (FastV, DART) prune from ``k_layer``: it must leave a layer to prune."""
+    if k_layer >= num_layers:
+        raise ValueError(
+            f"{method} k_layer={k_layer} is at or beyond the LLM's depth ({num_layers} decoder "
+            f"layers), so nothing would be pruned; use method.k_layer between 1 and "
+            f"{num_layers - 1}"
+        )
+
+
 def check_depth(cfg: LLMPruner, num_layers: int) -> None:
     """The method's stages must fit ``num_layers`` decoder layers (one-line ValueError).
 

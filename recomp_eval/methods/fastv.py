@@ -29,6 +29,7 @@ from recomp_eval.llm_methods.base import (
     PruneView,
     Stage,
     Variant,
+    check_k_layer,
     layer_counts,
     topk_keep,
 )
@@ -103,12 +104,7 @@ class FastVConfig:
 
     def check_depth(self, num_layers: int) -> None:
         """``k_layer`` must leave at least one decoder layer to run on the pruned sequence."""
-        if self.k_layer >= num_layers:
-            raise ValueError(
-                f"FastV k_layer={self.k_layer} is at or beyond the LLM's depth ({num_layers} "
-                f"decoder layers), so nothing would be pruned; use method.k_layer between 1 and "
-                f"{num_layers - 1}"
-            )
+        check_k_layer("FastV", self.k_layer, num_layers)
 
     def scores(self, stage: int, view: PruneView) -> torch.Tensor:
         """[B,L] float32 attention received by each position at layer ``K-1``."""

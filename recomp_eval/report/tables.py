@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -361,19 +362,33 @@ def efficiency_table(scored: list[Scored], sets: dict[int, str], notes: list[str
     )
 
 
-def slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Table]:
-    """One table per (benchmark, tag): the headline metric per tag value, n in the header."""
-    groups: dict[tuple[str, str], dict[tuple, dict[str, Any]]] = {}
-    counts: dict[tuple[str, str, str], set[int]] = {}
+SliceRows = dict[tuple[str, str], dict[tuple, dict[str, Any]]]
+SliceCounts = dict[tuple[str, str, str], set[int]]
+
+
+def slice_groups(
+    scored: list[Scored], sets: dict[int, str], part: str,
+    display: Callable[[Scored, str, float], float | None],
+) -> tuple[SliceRows, SliceCounts]:  # fmt: skip
+    """Rows per (benchmark, tag) from the metrics ``<bench>/<part>/<tag>=<value>/<stat>``.
+
+    ``display(scored, stat, value)`` gives the cell shown under ``<value>`` (None: not shown);
+    ``.../n`` entries count the questions per (benchmark, tag, value).
+    """
+    groups: SliceRows = {}
+    counts: SliceCounts = {}
     for s in scored:
         run = s.run
         for key, value in run.record["metrics"].items():
             parts = key.split("/")
-            if len(parts) != 4 or parts[1] != "slice":
+            if len(parts) != 4 or parts[1] != part:
                 continue
             tag, val = parts[2].split("=", 1)
             if parts[3] == "n":
                 counts.setdefault((run.benchmark, tag, val), set()).add(int(value))
+                continue
+            shown = display(s, parts[3], float(value))
+            if shown is None:
                 continue
             rows = groups.setdefault((run.benchmark, tag), {})
             row = rows.setdefault((run.model, run.protocol, run.label, run.retention, sets[id(s)]), {
@@ -381,22 +396,39 @@ def slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Table]:
                 "retention": run.retention, "set": sets[id(s)],
                 "_vanilla": run.method_name == VANILLA,
             })  # fmt: skip
-            row[val] = to_display(s.key, float(value))
-    tables = []
-    for (bench, tag), rows in sorted(groups.items()):
-        values = sorted({k for r in rows.values() for k in r if not k.startswith("_")}
-                        - {"model", "protocol", "method", "retention", "set"})  # fmt: skip
-        cols = _ident_columns(scored, sets)
-        for val in values:
-            ns = counts.get((bench, tag, val), set())
-            header = f"{tag}={val}" + (f" (n={next(iter(ns))})" if len(ns) == 1 else "")
-            cols.append(Column(val, header, "{:.1f}", best="max"))
-        tables.append(Table(
-            name=f"slices_{bench}_{tag}",
-            caption=f"{bench_name(bench)} by {tag} of the question's target",
-            columns=cols,
-            rows=sorted(rows.values(), key=_order),
-            notes=["Headline metric of the benchmark on each slice; n = questions in the slice."],
-            compete=lambda row: not row["_vanilla"],
-        ))  # fmt: skip
-    return tables
+            row[val] = shown
+    return groups, counts
+
+
+def slice_table(
+    scored: list[Scored], sets: dict[int, str], tag: str, rows: dict[tuple, dict[str, Any]],
+    counts: dict[str, set[int]], name: str, caption: str, note: str,
+) -> Table:  # fmt: skip
+    """One slice table: a column per value of ``tag`` (``counts[value]``: its n), best in bold."""
+    values = sorted({k for r in rows.values() for k in r if not k.startswith("_")}
+                    - {"model", "protocol", "method", "retention", "set"})  # fmt: skip
+    cols = _ident_columns(scored, sets)
+    for val in values:
+        ns = counts.get(val, set())
+        header = f"{tag}={val}" + (f" (n={next(iter(ns))})" if len(ns) == 1 else "")
+        cols.append(Column(val, header, "{:.1f}", best="max"))
+    return Table(name=name, caption=caption, columns=cols, rows=sorted(rows.values(), key=_order),
+                 notes=[note], compete=lambda row: not row["_vanilla"])  # fmt: skip
+
+
+def slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Table]:
+    """One table per (benchmark, tag): the headline metric per tag value, n in the header."""
+    groups, counts = slice_groups(scored, sets, "slice", lambda s, _stat, v: to_display(s.key, v))
+    return [
+        slice_table(
+            scored,
+            sets,
+            tag,
+            rows,
+            {v: ns for (b, t, v), ns in counts.items() if (b, t) == (bench, tag)},
+            f"slices_{bench}_{tag}",
+            f"{bench_name(bench)} by {tag} of the question's target",
+            "Headline metric of the benchmark on each slice; n = questions in the slice.",
+        )
+        for (bench, tag), rows in sorted(groups.items())
+    ]

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from recomp_eval.report.format import Column, Table
-from recomp_eval.report.tables import VANILLA, Scored, _ident_columns, _order, bench_name
+from recomp_eval.report.tables import (
+    VANILLA,
+    Scored,
+    _ident_columns,
+    _order,
+    bench_name,
+    slice_groups,
+    slice_table,
+)
 
 
 def _pct(value: float) -> float:
@@ -99,39 +107,24 @@ def target_table(scored: list[Scored], sets: dict[int, str], bench: str) -> Tabl
 
 def target_slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Table]:
     """Recall (kept or merged) per SynthVQA tag value, one table per (benchmark, tag)."""
-    groups: dict[tuple[str, str], dict[tuple, dict[str, Any]]] = {}
-    counts: dict[tuple[str, str, str], set[int]] = {}
-    for s in scored:
-        for key, value in s.run.record["metrics"].items():
-            parts = key.split("/")
-            if len(parts) != 4 or parts[1] != "target_slice":
-                continue
-            tag, val = parts[2].split("=", 1)
-            if parts[3] == "n":
-                counts.setdefault((s.run.benchmark, tag, val), set()).add(int(value))
-            elif parts[3] == "recall_seen":
-                rows = groups.setdefault((s.run.benchmark, tag), {})
-                row = rows.setdefault((s.run.label, s.run.retention, sets[id(s)]), _row(s, sets))
-                row[val] = _pct(float(value))
-    tables = []
-    for (bench, tag), rows in sorted(groups.items()):
-        values = sorted({k for r in rows.values() for k in r if not k.startswith("_")}
-                        - {"model", "protocol", "method", "retention", "set"})  # fmt: skip
-        cols = _ident_columns(scored, sets)
-        for val in values:
-            ns = counts.get((bench, tag, val), set())
-            header = f"{tag}={val}" + (f" (n={next(iter(ns))})" if len(ns) == 1 else "")
-            cols.append(Column(val, header, "{:.1f}", best="max"))
-        tables.append(Table(
-            name=f"target_slices_{bench}_{tag}",
-            caption=f"{bench_name(bench)}: target recall (kept or merged, %) by {tag}",
-            columns=cols,
-            rows=sorted(rows.values(), key=_order),
-            notes=["Share of the target's patches the LLM sees (own or merged token), mean over "
-                   "the questions of each slice; n = questions with a target in the slice."],
-            compete=lambda row: not row["_vanilla"],
-        ))  # fmt: skip
-    return tables
+    groups, counts = slice_groups(
+        scored, sets, "target_slice",
+        lambda _s, stat, v: _pct(v) if stat == "recall_seen" else None,
+    )  # fmt: skip
+    return [
+        slice_table(
+            scored,
+            sets,
+            tag,
+            rows,
+            {v: ns for (b, t, v), ns in counts.items() if (b, t) == (bench, tag)},
+            f"target_slices_{bench}_{tag}",
+            f"{bench_name(bench)}: target recall (kept or merged, %) by {tag}",
+            "Share of the target's patches the LLM sees (own or merged token), mean over the "
+            "questions of each slice; n = questions with a target in the slice.",
+        )
+        for (bench, tag), rows in sorted(groups.items())
+    ]
 
 
 def plot_target_recall(scored: list[Scored], out: Path) -> list[Path]:
