@@ -135,7 +135,7 @@ def time_in_llm(model, batch: int, reps: int, device: str, depth: int) -> list[d
     """Median prefill seconds of each in-LLM case at retention 0.1, shuffled per round."""
     from recomp_eval.inject.llm_attention import llm_pruning
     from recomp_eval.methods import build_method
-    from recomp_eval.models.llava.adapter import image_features_arg
+    from recomp_eval.models.llm_inputs import image_features_arg
 
     image_id, hidden = model.config.image_token_id, model.config.text_config.hidden_size
     g = torch.Generator().manual_seed(0)

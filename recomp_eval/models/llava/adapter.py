@@ -31,6 +31,11 @@ from recomp_eval.models.base import (
     TowerOutput,
     check_prompt,
 )
+from recomp_eval.models.llm_inputs import (  # noqa: F401 - the family's steps, re-exported
+    expand_image_tokens,
+    generate_with_features,
+    image_features_arg,
+)
 from recomp_eval.signals.vision import (
     CLS_INDEX,
     cls_attention_concat,
@@ -199,64 +204,6 @@ def project(model: torch.nn.Module, compressed: Compressed) -> list[torch.Tensor
     """Projector on the kept tokens; per-sample [T_i, E] (padding rows dropped)."""
     feats = model.model.multi_modal_projector(compressed.features)  # [B,M,E]
     return [f[:t] for f, t in zip(feats, compressed.lengths.tolist())]
-
-
-def expand_image_tokens(
-    prompt_ids: Sequence[Sequence[int]],
-    lengths: Sequence[int],
-    image_token_id: int,
-    pad_token_id: int,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat each prompt's single image token ``lengths[i]`` times; left-pad the batch.
-
-    Args:
-        prompt_ids: B token-id lists, each with exactly one ``image_token_id``.
-        lengths: B kept-token counts T_i.
-    Returns:
-        input_ids [B,L] int64 and attention_mask [B,L] int64 (0 on the left padding).
-    """
-    rows = []
-    for i, (ids, t) in enumerate(zip(prompt_ids, lengths)):
-        ids = list(ids)
-        count = ids.count(image_token_id)
-        if count != 1:
-            raise ValueError(
-                f"sample {i}: the prompt holds {count} image tokens; exactly one is expected"
-            )
-        at = ids.index(image_token_id)
-        rows.append(ids[:at] + [image_token_id] * int(t) + ids[at + 1 :])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)  # [B,L]
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)  # [B,L]
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.int64)
-        mask[i, width - len(row) :] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def image_features_arg(features: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """``mm_encoder_outputs`` for ``generate``/``forward``: per-sample [T_i, E] tensors."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return {"image": BaseModelOutputWithPooling(pooler_output=list(features))}
-
-
-@torch.no_grad()
-def generate_with_features(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    features: Sequence[torch.Tensor],
-    **generate_kwargs: Any,
-) -> torch.Tensor:
-    """``model.generate`` with precomputed image features; returns [B, L + new] sequences."""
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        mm_encoder_outputs=image_features_arg(features),
-        **generate_kwargs,
-    )
 
 
 class LlavaAdapter:
