@@ -13,12 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from recomp_eval.models.tiny_configs import (
+    publish_once,
+    scale_weights_,
+    text_config,
+    vision_config,
+)
 
 # A few sentences covering the prompt templates and test questions, so the BPE has real merges.
 _CORPUS = (
@@ -110,13 +116,6 @@ def _clip_tokenizer(vocab_size: int):
     return tok
 
 
-def _scale_(model: torch.nn.Module, factor: float) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(factor)
-
-
 def clip_text_config(tok, width: int, proj_dim: int):
     """A 2-layer CLIP text tower config for ``tok`` (its special ids and 77-position limit)."""
     from transformers import CLIPTextConfig
@@ -162,8 +161,6 @@ def _build(spec: TinySpec, folder: Path) -> None:
     from transformers import (
         CLIPConfig,
         CLIPModel,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
     )
@@ -171,27 +168,8 @@ def _build(spec: TinySpec, folder: Path) -> None:
     torch.manual_seed(spec.seed)
     tok = _train_tokenizer(spec.vocab_size)
     tok.chat_template = CHAT_TEMPLATE
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_width,
-        intermediate_size=2 * spec.vision_width,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.clip_proj_dim,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=spec.text_width,
-        intermediate_size=2 * spec.text_width,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        max_position_embeddings=2048,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    vision = vision_config(spec)
+    text = text_config(spec, tok)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -201,7 +179,7 @@ def _build(spec: TinySpec, folder: Path) -> None:
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
     )
     model = LlavaForConditionalGeneration(config).eval()
-    _scale_(model.model.language_model, spec.weight_scale)
+    scale_weights_(model.model.language_model, spec.weight_scale)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)
 
@@ -234,20 +212,7 @@ def build_tiny(spec: TinySpec | None = None, cache_dir: str | Path | None = None
     spec = spec or TinySpec()
     key = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir or default_cache_dir()) / key
-    if (folder / "tiny_spec.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
-    try:
-        _build(spec, tmp)
-        os.replace(tmp, folder)  # atomic publish; a concurrent builder may have won the race
-    except OSError:
-        if not (folder / "tiny_spec.json").exists():
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return publish_once(folder, "tiny_spec.json", lambda tmp: _build(spec, tmp))
 
 
 def load_tiny(

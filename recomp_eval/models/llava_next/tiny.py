@@ -22,12 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from recomp_eval.models.tiny_configs import (
+    publish_once,
+    scale_weights_,
+    text_config,
+    vision_config,
+)
 
 SPEC_FILE = "tiny_next_spec.json"
 
@@ -82,21 +88,12 @@ def build_next_processor(tokenizer, spec: TinyNextSpec, chat_template: str | Non
     )
 
 
-def _scale_(model: torch.nn.Module, factor: float) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(factor)
-
-
 def _build(spec: TinyNextSpec, folder: Path, source: Path) -> None:
     from transformers import (
         AutoProcessor,
         AutoTokenizer,
         CLIPConfig,
         CLIPModel,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
     )
@@ -111,27 +108,8 @@ def _build(spec: TinyNextSpec, folder: Path, source: Path) -> None:
     chat_template = AutoProcessor.from_pretrained(source).chat_template
     tok.chat_template = chat_template
     tok.padding_side = "left"
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_width,
-        intermediate_size=2 * spec.vision_width,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.clip_proj_dim,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=spec.text_width,
-        intermediate_size=2 * spec.text_width,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        max_position_embeddings=2048,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    vision = vision_config(spec)
+    text = text_config(spec, tok)
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
@@ -142,7 +120,7 @@ def _build(spec: TinyNextSpec, folder: Path, source: Path) -> None:
         image_seq_length=(spec.image_size // spec.patch_size) ** 2,
     )
     model = LlavaNextForConditionalGeneration(config).eval()
-    _scale_(model.model.language_model, spec.weight_scale)
+    scale_weights_(model.model.language_model, spec.weight_scale)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)
 
@@ -183,20 +161,7 @@ def build_tiny_next(spec: TinyNextSpec | None = None, cache_dir: str | Path | No
     settings = {**asdict(spec), "tokenizer_from": source.name}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir or default_next_cache_dir()) / key
-    if (folder / SPEC_FILE).exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
-    try:
-        _build(spec, tmp, source)
-        os.replace(tmp, folder)  # atomic publish; a concurrent builder may have won the race
-    except OSError:
-        if not (folder / SPEC_FILE).exists():
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return publish_once(folder, SPEC_FILE, lambda tmp: _build(spec, tmp, source))
 
 
 def load_tiny_next(
