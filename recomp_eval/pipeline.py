@@ -49,6 +49,8 @@ class GenerationResult:
     compressed: Compressed | None = None
     new_token_ids: list[int] = field(default_factory=list)
     logits: torch.Tensor | None = None  # [new, V], only with output_logits=True
+    # in-LLM methods: [N] bool, the patches still in the sequence after the last pruning stage
+    llm_kept: torch.Tensor | None = None
 
 
 @dataclass
@@ -188,8 +190,11 @@ def generate(
     timer.add("decode", mark.first if mark.first is not None else end, end)
     timings = timer.results_ms()
     kept = [float(t) for t in lengths]
+    llm_kept: list[torch.Tensor | None] = [None] * b
     if llm_probe is not None:
         kept = llm_probe.mean_visual_tokens[-b:].tolist()
+        if llm_probe.keep_masks:
+            llm_kept = _patches_after_stages(llm_probe, compressed)
     sequences = out.sequences if hasattr(out, "sequences") else out  # [B, L + new]
     logits = getattr(out, "logits", None)  # new x [B,V] with output_logits=True
     new_tokens = sequences[:, input_ids.shape[1] :].cpu()
@@ -207,9 +212,25 @@ def generate(
             compressed=compressed_cpu.sample(i),
             new_token_ids=new_tokens[i].tolist(),
             logits=None if logits is None else torch.stack([x[i] for x in logits]).cpu(),
+            llm_kept=llm_kept[i],
         )
         for i in range(b)
     ]
+
+
+def _patches_after_stages(probe: Any, compressed: Compressed) -> list[torch.Tensor]:
+    """Per sample [N] bool: the patches whose image token survived the last in-LLM stage (the
+    image positions of the prompt hold the compressed tokens in order; each has a source)."""
+    keep, image = probe.keep_masks[-1].cpu(), probe.image_masks[-1].cpu()  # [B,Lp]
+    source, n = compressed.source.cpu(), compressed.members.shape[-1]  # [B,M]
+    out = []
+    for i in range(keep.shape[0]):  # B host-side masks, once per batch
+        survived = keep[i][image[i]]  # [T_i] over the sample's image tokens, in order
+        src = source[i, : survived.shape[0]][survived]  # [K] patches of the kept tokens
+        patches = torch.zeros(n, dtype=torch.bool)
+        patches[src[src >= 0]] = True
+        out.append(patches)
+    return out
 
 
 def _to_cpu(c: Compressed) -> Compressed:

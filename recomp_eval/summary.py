@@ -122,6 +122,7 @@ def slice_metrics(
 TARGET_STATS = (
     "recall_kept", "recall_absorbed", "recall_seen", "recall_summary", "precision",
     "text_on_target", "text_auroc", "text_first_rank", "cls_attn_auroc", "cls_attn_first_rank",
+    "recall_llm",
 )  # fmt: skip
 TARGET_SLICE_STATS = ("recall_kept", "recall_seen", "text_auroc")
 

@@ -45,7 +45,8 @@ def test_masks_rows_record_and_tables(synth_gqa: Path, tmp_path: Path, bundle) -
     from recomp_eval.synth.writers import read_tags
 
     runs = ("runs=[{method: none}, {method: recomp, retention: 0.25, options: {variant: paper}},"
-            " {method: random, retention: 0.25}]")  # fmt: skip
+            " {method: random, retention: 0.25}, {method: fastv, retention: 0.25,"
+            " options: {k_layer: 1}}]")  # fmt: skip
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name="eval", overrides=[
             "benchmark=gqa", f"benchmark.data_dir={synth_gqa}", f"paths.root={tmp_path}",
@@ -73,6 +74,9 @@ def test_masks_rows_record_and_tables(synth_gqa: Path, tmp_path: Path, bundle) -
     rc = by_name["recomp"].metrics
     assert 0.0 <= rc["gqa/target/text_auroc"] <= 1.0 and rc["gqa/target/recall_kept"] < 1.0
     assert "gqa/target/text_auroc" not in by_name["random"].metrics  # no text score there
+    fastv = by_name["fastv"].metrics  # every patch reaches the LLM; a quarter survives layer 1
+    assert fastv["gqa/target/recall_kept"] == 1.0 and 0.0 <= fastv["gqa/target/recall_llm"] < 1.0
+    assert "gqa/target/recall_llm" not in rc
     result = write_tables(tmp_path / "raw", tmp_path / "tables")
     names = {t.name for t in result["targets"]}
     assert "targets_gqa" in names and "target_slices_gqa_size" in names
@@ -112,3 +116,21 @@ def test_recall_is_one_when_the_target_is_kept_and_counts_a_hand_built_map() -> 
     located = _entry([0], mask, {"text": score, "cls_attn": -score})
     assert located["text_auroc"] == 1.0 and located["text_first_rank"] == 1
     assert located["cls_attn_auroc"] == 0.0 and located["recall_kept"] == 0.0
+
+
+def test_in_llm_survivors_are_the_kept_image_tokens(bundle) -> None:
+    from PIL import Image
+
+    from recomp_eval.methods import build_method
+    from recomp_eval.methods.base import budget_from_ratio
+    from recomp_eval.pipeline import generate
+
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    texts = ["What is red?", "What is blue?"]
+    method = build_method("fastv", retention=0.25, k_layer=1)
+    results = generate(bundle, method, images, texts, texts, "llava15", ["a", "b"], 2)
+    n = bundle.adapter.shapes(bundle).patches
+    for r in results:
+        assert r.llm_kept.shape == (n,) and int(r.llm_kept.sum()) == budget_from_ratio(0.25, n)
+    none = generate(bundle, build_method("none"), images, texts, texts, "llava15", ["a", "b"], 2)
+    assert all(r.llm_kept is None for r in none)

@@ -48,7 +48,7 @@ def target_table(scored: list[Scored], sets: dict[int, str], bench: str) -> Tabl
         if s.run.benchmark != bench or f"{prefix}recall_kept" not in m:
             continue
         row = {**_row(s, sets), "value": s.value}
-        for stat in ("recall_kept", "recall_seen", "precision", "text_on_target"):
+        for stat in ("recall_kept", "recall_seen", "precision", "text_on_target", "recall_llm"):
             if f"{prefix}{stat}" in m:
                 row[stat] = _pct(m[f"{prefix}{stat}"])
         low, high = m.get(f"{prefix}recall_kept_lo"), m.get(f"{prefix}recall_kept_hi")
@@ -76,6 +76,7 @@ def target_table(scored: list[Scored], sets: dict[int, str], bench: str) -> Tabl
         Column("recall_kept", "target recall, kept (%)", "{:.1f}", best="max"),
         Column("recall_ci", "95% CI", align="l"),
         Column("recall_seen", "recall, kept or merged (%)", "{:.1f}", best="max"),
+        Column("recall_llm", "recall after in-LLM pruning (%)", "{:.1f}", best="max"),
         Column("precision", "precision (%)", "{:.1f}", best="max"),
         Column("text_on_target", "text tokens on target (%)", "{:.1f}", best="max"),
         Column("text_auroc", "text score AUROC", "{:.3f}", best="max"),
@@ -98,7 +99,9 @@ def target_table(scored: list[Scored], sets: dict[int, str], bench: str) -> Tabl
             "per-patch score (the method's text score, the CLS attention of its scoring layer) "
             "of target against other patches; first target rank: 1 + the other patches scored "
             "at least as high as the best target patch. 95% CI: percentile bootstrap over the "
-            "questions. In-LLM methods pass every patch to the LLM (recall 100 at its input).",
+            "questions. In-LLM methods pass every patch to the LLM (recall 100 at its input); "
+            "recall after in-LLM pruning: the share of target patches whose token is still in "
+            "the sequence after the method's last stage.",
             *notes,
         ],
         compete=lambda row: not row["_vanilla"],
