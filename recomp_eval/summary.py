@@ -135,7 +135,7 @@ def target_metrics(
     Keys: ``<bench>/target/<stat>`` with ``_lo``/``_hi`` (95 % percentile bootstrap over the
     questions, :func:`~recomp_eval.metrics.loyalty.paired_bootstrap_ci`, seed 0) and ``_n`` (the
     questions the stat is defined for), and per SynthVQA tag value
-    ``<bench>/target_slice/<tag>=<value>/<stat>`` (and ``.../n``).
+    ``<bench>/target_slice/<tag>=<value>/<stat>`` (and ``.../n``; ``recall_seen`` with its CI).
     """
     import numpy as np
 
@@ -174,6 +174,9 @@ def target_metrics(
                     v = values(subset, stat)
                     if v.size:
                         out[f"{prefix}/{stat}"] = float(v.mean())
+                        if stat == "recall_seen":  # the slice tables show its CI
+                            low, high = paired_bootstrap_ci(v)
+                            out[f"{prefix}/{stat}_lo"], out[f"{prefix}/{stat}_hi"] = low, high
     return out
 
 

@@ -68,7 +68,8 @@ def test_masks_rows_record_and_tables(synth_gqa: Path, tmp_path: Path, bundle) -
         assert m["gqa/target/recall_kept_lo"] <= m["gqa/target/recall_kept"]
         assert m["gqa/target/recall_kept"] <= m["gqa/target/recall_kept_hi"]
         assert m["gqa/target/recall_kept_n"] == len(with_target)
-        assert any(k.startswith("gqa/target_slice/size=") for k in m)
+        slices = [k for k in m if k.startswith("gqa/target_slice/") and k.endswith("recall_seen")]
+        assert slices and all(m[f"{k}_lo"] <= m[k] <= m[f"{k}_hi"] for k in slices)
     assert by_name["none"].metrics["gqa/target/recall_kept"] == 1.0  # every patch is kept
     assert by_name["none"].metrics["gqa/target/precision"] < 1.0
     rc = by_name["recomp"].metrics
@@ -80,6 +81,8 @@ def test_masks_rows_record_and_tables(synth_gqa: Path, tmp_path: Path, bundle) -
     result = write_tables(tmp_path / "raw", tmp_path / "tables")
     names = {t.name for t in result["targets"]}
     assert "targets_gqa" in names and "target_slices_gqa_size" in names
+    size = (tmp_path / "tables" / "target_slices_gqa_size.md").read_text()
+    assert "| 100.0 [100.0, 100.0] |" in size  # none sees every patch; cells carry their CI
     assert (tmp_path / "tables" / "plots" / "target_recall_gqa.png").is_file()
 
 

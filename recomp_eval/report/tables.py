@@ -368,11 +368,12 @@ SliceCounts = dict[tuple[str, str, str], set[int]]
 
 def slice_groups(
     scored: list[Scored], sets: dict[int, str], part: str,
-    display: Callable[[Scored, str, float], float | None],
+    display: Callable[[Scored, str, float], float | str | None],
 ) -> tuple[SliceRows, SliceCounts]:  # fmt: skip
     """Rows per (benchmark, tag) from the metrics ``<bench>/<part>/<tag>=<value>/<stat>``.
 
-    ``display(scored, stat, value)`` gives the cell shown under ``<value>`` (None: not shown);
+    ``display(scored, key, value)`` gives the cell shown under ``<value>`` for the metric ``key``
+    (None: not shown);
     ``.../n`` entries count the questions per (benchmark, tag, value).
     """
     groups: SliceRows = {}
@@ -387,7 +388,7 @@ def slice_groups(
             if parts[3] == "n":
                 counts.setdefault((run.benchmark, tag, val), set()).add(int(value))
                 continue
-            shown = display(s, parts[3], float(value))
+            shown = display(s, key, float(value))
             if shown is None:
                 continue
             rows = groups.setdefault((run.benchmark, tag), {})
@@ -403,6 +404,7 @@ def slice_groups(
 def slice_table(
     scored: list[Scored], sets: dict[int, str], tag: str, rows: dict[tuple, dict[str, Any]],
     counts: dict[str, set[int]], name: str, caption: str, note: str,
+    fmt: str = "{:.1f}", best: str | None = "max",
 ) -> Table:  # fmt: skip
     """One slice table: a column per value of ``tag`` (``counts[value]``: its n), best in bold."""
     values = sorted({k for r in rows.values() for k in r if not k.startswith("_")}
@@ -411,14 +413,14 @@ def slice_table(
     for val in values:
         ns = counts.get(val, set())
         header = f"{tag}={val}" + (f" (n={next(iter(ns))})" if len(ns) == 1 else "")
-        cols.append(Column(val, header, "{:.1f}", best="max"))
+        cols.append(Column(val, header, fmt, best=best))
     return Table(name=name, caption=caption, columns=cols, rows=sorted(rows.values(), key=_order),
                  notes=[note], compete=lambda row: not row["_vanilla"])  # fmt: skip
 
 
 def slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Table]:
     """One table per (benchmark, tag): the headline metric per tag value, n in the header."""
-    groups, counts = slice_groups(scored, sets, "slice", lambda s, _stat, v: to_display(s.key, v))
+    groups, counts = slice_groups(scored, sets, "slice", lambda s, _key, v: to_display(s.key, v))
     return [
         slice_table(
             scored,

@@ -110,10 +110,16 @@ def target_table(scored: list[Scored], sets: dict[int, str], bench: str) -> Tabl
 
 def target_slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Table]:
     """Recall (kept or merged) per SynthVQA tag value, one table per (benchmark, tag)."""
-    groups, counts = slice_groups(
-        scored, sets, "target_slice",
-        lambda _s, stat, v: _pct(v) if stat == "recall_seen" else None,
-    )  # fmt: skip
+
+    def with_ci(s: Scored, key: str, value: float) -> str | None:
+        if not key.endswith("/recall_seen"):
+            return None
+        m = s.run.record["metrics"]
+        low, high = m.get(f"{key}_lo"), m.get(f"{key}_hi")
+        ci = "" if low is None else f" [{_pct(low):.1f}, {_pct(high):.1f}]"
+        return f"{_pct(value):.1f}{ci}"
+
+    groups, counts = slice_groups(scored, sets, "target_slice", with_ci)
     return [
         slice_table(
             scored,
@@ -124,7 +130,10 @@ def target_slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Tabl
             f"target_slices_{bench}_{tag}",
             f"{bench_name(bench)}: target recall (kept or merged, %) by {tag}",
             "Share of the target's patches the LLM sees (own or merged token), mean over the "
-            "questions of each slice; n = questions with a target in the slice.",
+            "questions of each slice [95% percentile bootstrap CI over them]; n = questions with "
+            "a target in the slice.",
+            fmt="{}",
+            best=None,
         )
         for (bench, tag), rows in sorted(groups.items())
     ]
