@@ -141,7 +141,7 @@ def sample_row(
 
         row["target_mask"] = encode_mask(target_mask)
         row["target"] = target_entry(codes, target_mask, result.compressed.patch_scores)
-        kept = getattr(result, "llm_kept", None)
+        kept = result.llm_kept
         if kept is not None and target_mask.any():  # in-LLM methods: after the last stage
             row["target"]["recall_llm"] = float(
                 (kept.numpy() & target_mask).sum() / target_mask.sum()

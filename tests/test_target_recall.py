@@ -84,6 +84,14 @@ def test_masks_rows_record_and_tables(synth_gqa: Path, tmp_path: Path, bundle) -
     size = (tmp_path / "tables" / "target_slices_gqa_size.md").read_text()
     assert "| 100.0 [100.0, 100.0] |" in size  # none sees every patch; cells carry their CI
     assert (tmp_path / "tables" / "plots" / "target_recall_gqa.png").is_file()
+    from recomp_eval.report.targets import recall_points
+
+    points = {p[0].run.method_name: p for p in recall_points(result["scored"], "gqa")}
+    assert set(points) == {"none", "recomp", "random", "fastv"}
+    for name, (s, x, low, high) in points.items():  # the plotted x is the record's recall in %
+        assert x == pytest.approx(100 * by_name[name].metrics["gqa/target/recall_kept"])
+        rec = by_name[name]
+        assert low <= x <= high and s.value == pytest.approx(100 * rec.metrics[rec.primary_metric])
 
 
 def test_real_benchmarks_have_no_targets(tmp_path: Path) -> None:

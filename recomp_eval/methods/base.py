@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -287,6 +287,28 @@ def check_options(method: str, given: Iterable[str], valid: Iterable[str]) -> No
         f"unknown options {unknown} for method '{method}'{hint}; valid options: "
         f"{valid if valid else 'none'}"
     )
+
+
+def choice_option(method: str, options: dict[str, Any], key: str, choices: Iterable[str],
+                  default: str) -> str:  # fmt: skip
+    """``options[key]`` (or ``default``) if it is one of ``choices``, else a one-line error."""
+    choices = tuple(choices)
+    value = options.get(key, default)
+    if value not in choices:
+        raise ValueError(f"{method}: {key}={value!r}; use one of {', '.join(choices)}")
+    return value
+
+
+def flag_option(method: str, options: dict[str, Any], key: str, default: bool = False,
+                official_only: str | None = None) -> bool:  # fmt: skip
+    """``options[key]`` (or ``default``) as a bool, else a one-line error; ``official_only``
+    (the chosen variant) refuses the flag set on any variant but ``official`` (a release quirk)."""
+    value = options.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{method}: {key} must be true or false, got {value!r}")
+    if value and official_only is not None and official_only != "official":
+        raise ValueError(f"{method}: {key} is a quirk of variant=official only")
+    return value
 
 
 def budget_from_ratio(retention: float, num_tokens: int) -> int:

@@ -48,6 +48,8 @@ from recomp_eval.methods.base import (
     budget_from_ratio,
     check_options,
     check_retention,
+    choice_option,
+    flag_option,
     selection_output,
 )
 
@@ -168,14 +170,8 @@ def build(name: str = "cdpruner", retention: float | None = None, **options: Any
 
     check_options(name, options, ("variant", "batch_global_norm"))
     check_retention(retention)
-    variant = options.get("variant", "official")
-    if variant not in VARIANTS:
-        raise ValueError(f"cdpruner: variant={variant!r}; use one of {', '.join(VARIANTS)}")
-    batch_global = options.get("batch_global_norm", False)
-    if not isinstance(batch_global, bool):
-        raise ValueError(f"cdpruner: batch_global_norm must be true or false, got {batch_global!r}")
-    if batch_global and variant != "official":
-        raise ValueError("cdpruner: batch_global_norm is a quirk of variant=official only")
+    variant = choice_option(name, options, "variant", VARIANTS, "official")
+    batch_global = flag_option(name, options, "batch_global_norm", official_only=variant)
     cfg = CDPrunerConfig(retention=DEFAULT_RETENTION if retention is None else retention,
                          variant=variant, batch_global_norm=batch_global)  # fmt: skip
     return BuiltMethod(name=name, spec=SPEC, fn=lambda s: compress(s, cfg), config=asdict(cfg))

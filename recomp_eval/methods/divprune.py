@@ -42,6 +42,8 @@ from recomp_eval.methods.base import (
     budget_from_ratio,
     check_options,
     check_retention,
+    choice_option,
+    flag_option,
     selection_output,
 )
 
@@ -121,14 +123,8 @@ def build(name: str = "divprune", retention: float | None = None, **options: Any
 
     check_options(name, options, ("variant", "first_sample_for_batch"))
     check_retention(retention)
-    variant = options.get("variant", "official")
-    if variant not in VARIANTS:
-        raise ValueError(f"divprune: variant={variant!r}; use one of {', '.join(VARIANTS)}")
-    first = options.get("first_sample_for_batch", False)
-    if not isinstance(first, bool):
-        raise ValueError(f"divprune: first_sample_for_batch must be true or false, got {first!r}")
-    if first and variant != "official":
-        raise ValueError("divprune: first_sample_for_batch is a quirk of variant=official only")
+    variant = choice_option(name, options, "variant", VARIANTS, "official")
+    first = flag_option(name, options, "first_sample_for_batch", official_only=variant)
     cfg = DivPruneConfig(retention=OFFICIAL_RETENTION if retention is None else retention,
                          variant=variant, first_sample_for_batch=first)  # fmt: skip
     return BuiltMethod(name=name, spec=SPEC, fn=lambda s: compress(s, cfg), config=asdict(cfg))

@@ -50,6 +50,8 @@ from recomp_eval.methods.base import (
     budget_from_ratio,
     check_options,
     check_retention,
+    choice_option,
+    flag_option,
     selection_output,
 )
 from recomp_eval.methods.outliers import count_from_ratio, iqr_outlier_fraction
@@ -166,14 +168,9 @@ def build(name: str = "trim", retention: float | None = None, **options: Any):
 
     check_options(name, options, OPTIONS)
     check_retention(retention)
-    variant = options.get("variant", "official")
-    if variant not in VARIANTS:
-        raise ValueError(f"trim: variant={variant!r}; use one of {', '.join(VARIANTS)}")
-    flags = {}
-    for key, default in (("batch_global_iqr", False), ("mean_token", True)):
-        flags[key] = options.get(key, default)
-        if not isinstance(flags[key], bool):
-            raise ValueError(f"trim: {key} must be true or false, got {flags[key]!r}")
+    variant = choice_option(name, options, "variant", VARIANTS, "official")
+    flags = {key: flag_option(name, options, key, default)
+             for key, default in (("batch_global_iqr", False), ("mean_token", True))}  # fmt: skip
     if flags["batch_global_iqr"] and retention is not None:
         raise ValueError(
             f"trim: batch_global_iqr applies to the adaptive budget only (retention=null), got "

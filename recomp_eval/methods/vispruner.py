@@ -43,6 +43,7 @@ from recomp_eval.methods.base import (
     budget_from_ratio,
     check_options,
     check_retention,
+    choice_option,
     selection_output,
 )
 
@@ -120,9 +121,7 @@ def build(name: str = "vispruner", retention: float | None = None, **options: An
 
     check_options(name, options, ("important_ratio", "step", "variant"))
     check_retention(retention)
-    variant = options.get("variant", "fixed")
-    if variant not in VARIANTS:
-        raise ValueError(f"vispruner: variant={variant!r}; use one of {', '.join(VARIANTS)}")
+    variant = choice_option(name, options, "variant", VARIANTS, "fixed")
     ratio = options.get("important_ratio", 0.5)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
         raise ValueError(f"vispruner: important_ratio={ratio!r}; use a number in [0, 1]")

@@ -401,36 +401,39 @@ def slice_groups(
     return groups, counts
 
 
-def slice_table(
-    scored: list[Scored], sets: dict[int, str], tag: str, rows: dict[tuple, dict[str, Any]],
-    counts: dict[str, set[int]], name: str, caption: str, note: str,
-    fmt: str = "{:.1f}", best: str | None = "max",
-) -> Table:  # fmt: skip
-    """One slice table: a column per value of ``tag`` (``counts[value]``: its n), best in bold."""
-    values = sorted({k for r in rows.values() for k in r if not k.startswith("_")}
-                    - {"model", "protocol", "method", "retention", "set"})  # fmt: skip
-    cols = _ident_columns(scored, sets)
-    for val in values:
-        ns = counts.get(val, set())
-        header = f"{tag}={val}" + (f" (n={next(iter(ns))})" if len(ns) == 1 else "")
-        cols.append(Column(val, header, fmt, best=best))
-    return Table(name=name, caption=caption, columns=cols, rows=sorted(rows.values(), key=_order),
-                 notes=[note], compete=lambda row: not row["_vanilla"])  # fmt: skip
+def slice_table_set(
+    scored: list[Scored], sets: dict[int, str], part: str,
+    display: Callable[[Scored, str, float], float | str | None],
+    name: str, caption: str, note: str, fmt: str = "{:.1f}", best: str | None = "max",
+) -> list[Table]:  # fmt: skip
+    """One table per (benchmark, tag) of the ``<bench>/<part>/<tag>=<value>/...`` metrics: a
+    column per tag value (its n in the header), the ``display`` cell of each run.
+
+    ``name`` and ``caption`` are format strings over ``bench``, ``tag`` and ``bench_name``.
+    """
+    groups, counts = slice_groups(scored, sets, part, display)
+    tables = []
+    for (bench, tag), rows in sorted(groups.items()):
+        values = sorted({k for r in rows.values() for k in r if not k.startswith("_")}
+                        - {"model", "protocol", "method", "retention", "set"})  # fmt: skip
+        cols = _ident_columns(scored, sets)
+        for val in values:
+            ns = counts.get((bench, tag, val), set())
+            header = f"{tag}={val}" + (f" (n={next(iter(ns))})" if len(ns) == 1 else "")
+            cols.append(Column(val, header, fmt, best=best))
+        names = {"bench": bench, "tag": tag, "bench_name": bench_name(bench)}
+        tables.append(Table(
+            name=name.format(**names), caption=caption.format(**names), columns=cols,
+            rows=sorted(rows.values(), key=_order), notes=[note],
+            compete=lambda row: not row["_vanilla"],
+        ))  # fmt: skip
+    return tables
 
 
 def slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Table]:
     """One table per (benchmark, tag): the headline metric per tag value, n in the header."""
-    groups, counts = slice_groups(scored, sets, "slice", lambda s, _key, v: to_display(s.key, v))
-    return [
-        slice_table(
-            scored,
-            sets,
-            tag,
-            rows,
-            {v: ns for (b, t, v), ns in counts.items() if (b, t) == (bench, tag)},
-            f"slices_{bench}_{tag}",
-            f"{bench_name(bench)} by {tag} of the question's target",
-            "Headline metric of the benchmark on each slice; n = questions in the slice.",
-        )
-        for (bench, tag), rows in sorted(groups.items())
-    ]
+    return slice_table_set(
+        scored, sets, "slice", lambda s, _key, v: to_display(s.key, v),
+        "slices_{bench}_{tag}", "{bench_name} by {tag} of the question's target",
+        "Headline metric of the benchmark on each slice; n = questions in the slice.",
+    )  # fmt: skip

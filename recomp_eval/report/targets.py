@@ -22,8 +22,7 @@ from recomp_eval.report.tables import (
     _ident_columns,
     _order,
     bench_name,
-    slice_groups,
-    slice_table,
+    slice_table_set,
 )
 
 
@@ -119,24 +118,25 @@ def target_slice_tables(scored: list[Scored], sets: dict[int, str]) -> list[Tabl
         ci = "" if low is None else f" [{_pct(low):.1f}, {_pct(high):.1f}]"
         return f"{_pct(value):.1f}{ci}"
 
-    groups, counts = slice_groups(scored, sets, "target_slice", with_ci)
-    return [
-        slice_table(
-            scored,
-            sets,
-            tag,
-            rows,
-            {v: ns for (b, t, v), ns in counts.items() if (b, t) == (bench, tag)},
-            f"target_slices_{bench}_{tag}",
-            f"{bench_name(bench)}: target recall (kept or merged, %) by {tag}",
-            "Share of the target's patches the LLM sees (own or merged token), mean over the "
-            "questions of each slice [95% percentile bootstrap CI over them]; n = questions with "
-            "a target in the slice.",
-            fmt="{}",
-            best=None,
-        )
-        for (bench, tag), rows in sorted(groups.items())
-    ]
+    return slice_table_set(
+        scored, sets, "target_slice", with_ci, "target_slices_{bench}_{tag}",
+        "{bench_name}: target recall (kept or merged, %) by {tag}",
+        "Share of the target's patches the LLM sees (own or merged token), mean over the "
+        "questions of each slice [95% percentile bootstrap CI over them]; n = questions with a "
+        "target in the slice.",
+        fmt="{}", best=None,
+    )  # fmt: skip
+
+
+def recall_points(scored: list[Scored], bench: str) -> list[tuple[Scored, float, float, float]]:
+    """The plot's points of ``bench``: (run, recall kept %, its CI low, high) per run."""
+    points = []
+    for s in scored:
+        m = s.run.record["metrics"]
+        key = f"{bench}/target/recall_kept"
+        if s.run.benchmark == bench and key in m:
+            points.append((s, _pct(m[key]), _pct(m[f"{key}_lo"]), _pct(m[f"{key}_hi"])))
+    return points
 
 
 def plot_target_recall(scored: list[Scored], out: Path) -> list[Path]:
@@ -149,12 +149,7 @@ def plot_target_recall(scored: list[Scored], out: Path) -> list[Path]:
 
     written = []
     for bench in sorted({s.run.benchmark for s in scored}):
-        points = []
-        for s in scored:
-            m = s.run.record["metrics"]
-            key = f"{bench}/target/recall_kept"
-            if s.run.benchmark == bench and key in m:
-                points.append((s, _pct(m[key]), _pct(m[f"{key}_lo"]), _pct(m[f"{key}_hi"])))
+        points = recall_points(scored, bench)
         if len(points) < 2:
             continue
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
