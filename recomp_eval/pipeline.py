@@ -51,6 +51,8 @@ class GenerationResult:
     logits: torch.Tensor | None = None  # [new, V], only with output_logits=True
     # in-LLM methods: [N] bool, the patches still in the sequence after the last pruning stage
     llm_kept: torch.Tensor | None = None
+    # the family's facts about the image (LLaVA-NeXT: crops, kept per crop, newlines, ...)
+    image: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,7 +61,8 @@ class PreparedBatch:
 
     prompts: list[str]
     prompt_ids: list[list[int]]
-    pixel_values: torch.Tensor  # [B,3,S,S]
+    pixel_values: torch.Tensor  # [P,3,S,S] tower items (LLaVA-1.5: P = B images; NeXT: crops)
+    layout: Any = None  # the family's BatchLayout: tower items per sample (and its own data)
 
 
 def prepare_batch(
@@ -72,7 +75,8 @@ def prepare_batch(
         adapter.check_prompt(bundle, protocol, prompt, text)
     prompt_ids = [bundle.tokenizer(p)["input_ids"] for p in prompts]
     pixel_values = adapter.preprocess(bundle, images, protocol)
-    return PreparedBatch(prompts=prompts, prompt_ids=prompt_ids, pixel_values=pixel_values)
+    layout = adapter.layout(bundle, images, pixel_values)
+    return PreparedBatch(prompts, prompt_ids, pixel_values, layout)
 
 
 def prompt_text_tokens(bundle: ModelBundle, user_text: str, protocol: str) -> int:
@@ -95,26 +99,27 @@ def vision_side(
     cache: VisionCache | None = None,
     cache_key: tuple | None = None,
     user_texts: Sequence[str] = (),
-) -> tuple[Compressed, list[torch.Tensor]]:
+    layout: Any = None,
+) -> tuple[Any, list[torch.Tensor]]:
     """Tower pass(es) -> signals (+ text signal) -> method -> projector, timed per stage.
 
-    Must run inside ``compress(model, method)`` (``probe``). Returns the :class:`Compressed`
-    output and the per-sample projected features [T_i, E]. With ``cache`` (and ``cache_key``),
+    Must run inside ``compress(model, method)`` (``probe``). Returns the method's output (a
+    :class:`Compressed` over the tower items; the family's own grouping of them where it runs
+    the method per group) and the per-sample features [T_i, E] the LLM receives. ``layout``:
+    the family's :class:`~recomp_eval.models.base.BatchLayout` (None: one tower item per sample). With ``cache`` (and ``cache_key``),
     a tower pass stored by an earlier run of the same batch is reused and its measured span is
     reported as this run's vision stage (:mod:`recomp_eval.inject.tower_policy`).
     """
     adapter, spec = bundle.adapter, method.spec
     done = vision_passes(adapter, bundle, probe, pixel_values, spec, timer, cache, cache_key)
     with timer.stage("vision"):
-        tower_out = adapter.signals(bundle, done, spec, seeds)
+        tower_out = adapter.signals(bundle, done, spec, seeds, layout)
     if spec.text is not None:
         with timer.stage("text"):
             adapter.add_text_signal(bundle, tower_out, spec, questions, prompt_ids, user_texts)
     with timer.stage("compression"):
-        compressed = method(tower_out.signals)
-        features = adapter.project(bundle, compressed)  # B x [T_i, E]
-    if tower_out.signals.cls_attn is not None:  # for diagnostics (where the method looked)
-        compressed.patch_scores.setdefault("cls_attn", tower_out.signals.cls_attn)  # [B,N]
+        compressed = adapter.apply(bundle, method, tower_out, layout)
+        features = adapter.project(bundle, compressed, layout)  # B x [T_i, E]
     return compressed, features
 
 
@@ -173,8 +178,9 @@ def generate(
             cache=vision_cache,
             cache_key=VisionCache.key(sample_ids, batch.pixel_values),
             user_texts=user_texts,
+            layout=batch.layout,
         )
-        lengths = compressed.lengths.tolist()
+        lengths = [int(f.shape[0]) for f in features]  # what the LLM receives per sample
         input_ids, attention_mask = adapter.expand_prompt(bundle, batch.prompt_ids, lengths)
         mark = FirstTokenMark(timer)
         if stop:
@@ -190,16 +196,17 @@ def generate(
     timer.add("decode", mark.first if mark.first is not None else end, end)
     timings = timer.results_ms()
     kept = [float(t) for t in lengths]
+    # per sample: the LLM-order provenance on CPU (features dropped) and the family's image facts
+    provenance = adapter.provenance(bundle, compressed, batch.layout)
     llm_kept: list[torch.Tensor | None] = [None] * b
     if llm_probe is not None:
         kept = llm_probe.mean_visual_tokens[-b:].tolist()
         if llm_probe.keep_masks:
-            llm_kept = _patches_after_stages(llm_probe, compressed)
+            llm_kept = _patches_after_stages(llm_probe, [c for c, _ in provenance])
     sequences = out.sequences if hasattr(out, "sequences") else out  # [B, L + new]
     logits = getattr(out, "logits", None)  # new x [B,V] with output_logits=True
     new_tokens = sequences[:, input_ids.shape[1] :].cpu()
     texts_out = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    compressed_cpu = _to_cpu(compressed)
     return [
         GenerationResult(
             sample_id=str(sample_ids[i]),
@@ -209,7 +216,8 @@ def generate(
             batch_size=b,
             prompt=batch.prompts[i],
             text_tokens=sum(1 for t in batch.prompt_ids[i] if t != bundle.image_token_id),
-            compressed=compressed_cpu.sample(i),
+            compressed=provenance[i][0],
+            image=provenance[i][1],
             new_token_ids=new_tokens[i].tolist(),
             logits=None if logits is None else torch.stack([x[i] for x in logits]).cpu(),
             llm_kept=llm_kept[i],
@@ -218,29 +226,16 @@ def generate(
     ]
 
 
-def _patches_after_stages(probe: Any, compressed: Compressed) -> list[torch.Tensor]:
+def _patches_after_stages(probe: Any, provenance: Sequence[Compressed]) -> list[torch.Tensor]:
     """Per sample [N] bool: the patches whose image token survived the last in-LLM stage (the
-    image positions of the prompt hold the compressed tokens in order; each has a source)."""
+    image positions of the prompt hold the sample's tokens in LLM order, as ``provenance``
+    lists them; layout tokens such as newlines have no source)."""
     keep, image = probe.keep_masks[-1].cpu(), probe.image_masks[-1].cpu()  # [B,Lp]
-    source, n = compressed.source.cpu(), compressed.members.shape[-1]  # [B,M]
     out = []
-    for i in range(keep.shape[0]):  # B host-side masks, once per batch
+    for i, c in enumerate(provenance):  # B host-side masks, once per batch
         survived = keep[i][image[i]]  # [T_i] over the sample's image tokens, in order
-        src = source[i, : survived.shape[0]][survived]  # [K] patches of the kept tokens
-        patches = torch.zeros(n, dtype=torch.bool)
+        src = c.source[0, : survived.shape[0]][survived]  # [K] patches of the kept tokens
+        patches = torch.zeros(c.members.shape[-1], dtype=torch.bool)
         patches[src[src >= 0]] = True
         out.append(patches)
     return out
-
-
-def _to_cpu(c: Compressed) -> Compressed:
-    """Provenance copy on CPU; features are dropped (an empty last axis) to keep results small."""
-    return Compressed(
-        features=c.features.new_zeros((*c.features.shape[:2], 0), device="cpu"),
-        lengths=c.lengths.cpu(),
-        source=c.source.cpu(),
-        role=c.role.cpu(),
-        members=c.members.cpu(),
-        stats={k: v.detach().cpu() for k, v in c.stats.items()},
-        patch_scores={k: v.detach().float().cpu() for k, v in c.patch_scores.items()},
-    )

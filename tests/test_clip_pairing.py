@@ -18,7 +18,7 @@ from recomp_eval.models.llava.loader import (
 )
 from recomp_eval.models.llava.tiny import TinySpec, build_tiny
 
-LOGGER = "recomp_eval.models.llava.loader"
+LOGGER = "recomp_eval.models.clip_text"  # the CLIP text tower is shared by the CLIP families
 
 
 @pytest.fixture(scope="module")

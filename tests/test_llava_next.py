@@ -1,5 +1,5 @@
 """LLaVA-NeXT (anyres) family, first step: the offline tiny checkpoint and the pure steps of
-``recomp_eval.models.llava_next.adapter`` checked against stock transformers."""
+``recomp_eval.models.llava_next.packing`` checked against stock transformers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from recomp_eval.models.llava_next.adapter import (
+from recomp_eval.models.llava_next.packing import (
     crop_features,
     crops_per_image,
     expand_image_tokens,

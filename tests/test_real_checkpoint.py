@@ -433,7 +433,7 @@ def test_rc_official_text_signal_with_real_clip_tokenizer(folder, bundle, images
     hook = clip.model.register_forward_pre_hook(
         lambda _m, _a, kw: seen_ids.append(kw["input_ids"].clone()), with_kwargs=True
     )
-    import recomp_eval.models.llava.adapter as adapter
+    import recomp_eval.models.clip_tower as adapter  # the CLIP-tower steps LLaVA uses
 
     real_add = adapter.add_text_signal
 

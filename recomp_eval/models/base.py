@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from recomp_eval.efficiency.flops import DecoderShape
-from recomp_eval.methods.base import VisionSignals
+from recomp_eval.methods.base import Compressed, VisionSignals
 
 PROBE_TEXT = "What is shown here?"  # a user turn used to check a template before any work
 
@@ -84,6 +84,31 @@ class TowerOutput:
 
     signals: VisionSignals
     last_hidden: torch.Tensor  # [B,N+1,C] the tower's last hidden state (RC's Z)
+    layout: Any = None  # the batch's BatchLayout (the text signal repeats texts per item)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a batch's tower items map to its samples.
+
+    ``items[i]``: tower items of sample ``i`` (LLaVA-1.5: one image each; LLaVA-NeXT: its
+    crops), in order; ``data``: what else the family needs later (LLaVA-NeXT: image sizes).
+    """
+
+    items: tuple[int, ...]
+    data: Any = None
+
+    @classmethod
+    def one_each(cls, batch: int) -> BatchLayout:
+        return cls(items=(1,) * batch)
+
+    def item_sample(self) -> list[int]:
+        """The sample of every tower item, [P]."""
+        return [i for i, k in enumerate(self.items) for _ in range(k)]
+
+    def repeat(self, values: Sequence[Any]) -> list[Any]:
+        """Per-sample ``values`` repeated for each of the sample's tower items."""
+        return [values[i] for i in self.item_sample()]
 
 
 @dataclass
@@ -162,7 +187,13 @@ class ModelAdapter(Protocol):
         """Whether the text tower's checkpoint pairs with the model's vision tower (recorded)."""
 
     def preprocess(self, bundle: ModelBundle, images: Sequence[Any], protocol: str) -> torch.Tensor:
-        """``pixel_values`` [B,3,S,S] for the protocol's image handling."""
+        """``pixel_values`` [P,3,S,S]: the batch's tower items for the protocol's image handling
+        (one per image, or several: LLaVA-NeXT's crops)."""
+
+    def layout(
+        self, bundle: ModelBundle, images: Sequence[Any], pixel_values: torch.Tensor
+    ) -> BatchLayout:
+        """Which tower items belong to which sample (and the family's data for later steps)."""
 
     def hook_points(self, model: Any) -> HookPoints: ...
 
@@ -180,9 +211,21 @@ class ModelAdapter(Protocol):
         """A plain tower pass's last hidden state [B,N+1,C] (RC ``official``'s repeated pass)."""
 
     def signals(
-        self, bundle: ModelBundle, done: Any, spec: Any, seeds: torch.Tensor | None
+        self,
+        bundle: ModelBundle,
+        done: Any,
+        spec: Any,
+        seeds: torch.Tensor | None,
+        layout: BatchLayout | None = None,
     ) -> TowerOutput:
-        """The vision signals ``spec`` asks for, from a tower pass ``done``."""
+        """The vision signals ``spec`` asks for, from a tower pass ``done`` (one row per tower
+        item; ``seeds`` [B] per sample)."""
+
+    def apply(
+        self, bundle: ModelBundle, method: Any, tower_out: TowerOutput, layout: BatchLayout | None
+    ) -> Any:
+        """Run ``method`` on the signals: on the tower items, or grouped as the family's
+        compression scope asks (the output goes to :meth:`project` and :meth:`provenance`)."""
 
     def add_text_signal(
         self,
@@ -197,8 +240,17 @@ class ModelAdapter(Protocol):
         ``text_embeds`` [B,M,D] and ``text_mask`` [B,M] (``"embeddings"``) for a text-guided
         method; ``user_texts`` are the user turns (question plus protocol suffix)."""
 
-    def project(self, bundle: ModelBundle, compressed: Any) -> list[torch.Tensor]:
-        """B x [T_i, E] LLM inputs for the kept tokens."""
+    def project(
+        self, bundle: ModelBundle, compressed: Any, layout: BatchLayout | None = None
+    ) -> list[torch.Tensor]:
+        """B x [T_i, E] LLM inputs per sample, in the order the LLM sees them."""
+
+    def provenance(
+        self, bundle: ModelBundle, compressed: Any, layout: BatchLayout | None
+    ) -> list[tuple[Compressed, dict[str, Any]]]:
+        """Per sample: a CPU :class:`Compressed` [1,T_i] whose rows are the LLM's visual tokens
+        in order (features dropped; patches indexed over the whole image), and the family's
+        facts about the image for the row (``{}`` when there are none)."""
 
     def expand_prompt(
         self, bundle: ModelBundle, prompt_ids: Sequence[Sequence[int]], lengths: Sequence[int]
@@ -253,4 +305,26 @@ def check_signals(method: Any, adapter: Any) -> None:
     raise ValueError(
         f"method '{method.name}' needs {', '.join(missing)}, which the {adapter.family} family "
         f"cannot supply; methods that work with {adapter.family}: {', '.join(working)}"
+    )
+
+
+def run_method(method: Any, tower_out: TowerOutput) -> Compressed:
+    """``method`` on the tower items' signals; the CLS attention, when captured, is added to the
+    output's ``patch_scores`` for diagnostics (where the method looked)."""
+    compressed = method(tower_out.signals)
+    if tower_out.signals.cls_attn is not None:
+        compressed.patch_scores.setdefault("cls_attn", tower_out.signals.cls_attn)  # [B,N]
+    return compressed
+
+
+def provenance_cpu(c: Compressed) -> Compressed:
+    """Provenance copy on CPU; features are dropped (an empty last axis) to keep results small."""
+    return Compressed(
+        features=c.features.new_zeros((*c.features.shape[:2], 0), device="cpu"),
+        lengths=c.lengths.cpu(),
+        source=c.source.cpu(),
+        role=c.role.cpu(),
+        members=c.members.cpu(),
+        stats={k: v.detach().cpu() for k, v in c.stats.items()},
+        patch_scores={k: v.detach().float().cpu() for k, v in c.patch_scores.items()},
     )
