@@ -281,7 +281,9 @@ class Evaluation:
             vision_cache=self.vision_cache,
             do_sample=bool(self.settings["do_sample"]),
         )
-        masks = self.benchmark.targets([p.sample_id for p in batch], self.shapes.grid)
+        masks = {}  # target masks are drawn on one patch grid (not on LLaVA-NeXT's crops)
+        if self.shapes.fixed_grid:
+            masks = self.benchmark.targets([p.sample_id for p in batch], self.shapes.grid)
         # the prompt is kept on each batch's first row, and on the run's first sample in id order
         # (the record's example prompt, the same whatever the batches or the world size)
         return [

@@ -62,6 +62,13 @@ def decode(text: str) -> np.ndarray:
 
 def render(codes: np.ndarray, grid: tuple[int, int], image=None, title: str = ""):
     """A matplotlib figure of the keep map, over the (resized) image when given."""
+    return render_panels([("", codes.reshape(grid))], image, title)
+
+
+def render_panels(panels: list[tuple[str, np.ndarray]], image=None, title: str = ""):
+    """One figure with a keep map per panel (``(label, [rows, cols] codes)``), each over the
+    (resized) image when given: LLaVA-1.5 has one panel, LLaVA-NeXT its base crop and its grid
+    crops' map (both cover the whole image)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,30 +76,24 @@ def render(codes: np.ndarray, grid: tuple[int, int], image=None, title: str = ""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(4, 4.4))
-    grid_codes = codes.reshape(grid)
-    if image is not None:
-        ax.imshow(image, extent=(0, grid[1], grid[0], 0))
-        ax.imshow(
-            grid_codes,
-            cmap=ListedColormap(COLOURS),
-            vmin=0,
-            vmax=6,
-            alpha=0.55,
-            extent=(0, grid[1], grid[0], 0),
-        )
-    else:
-        ax.imshow(grid_codes, cmap=ListedColormap(COLOURS), vmin=0, vmax=6)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=8)
-    present = sorted(set(int(c) for c in codes))
-    ax.legend(
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
+    for ax, (label, grid_codes) in zip(axes[0], panels):
+        rows, cols = grid_codes.shape
+        style = {"cmap": ListedColormap(COLOURS), "vmin": 0, "vmax": 6}
+        if image is not None:
+            ax.imshow(image, extent=(0, cols, rows, 0))
+            ax.imshow(grid_codes, alpha=0.55, extent=(0, cols, rows, 0), **style)
+        else:
+            ax.imshow(grid_codes, **style)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{title} {label}".strip(), fontsize=8)
+    present = sorted({int(c) for _, codes in panels for c in codes.reshape(-1)})
+    fig.legend(
         handles=[Patch(color=COLOURS[c], label=LABELS[c]) for c in present],
         fontsize=6,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.02),
-        ncol=3,
+        loc="lower center",
+        ncol=min(len(present), 7) or 1,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig

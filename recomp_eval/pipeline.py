@@ -181,61 +181,102 @@ def generate(
             layout=batch.layout,
         )
         lengths = [int(f.shape[0]) for f in features]  # what the LLM receives per sample
-        input_ids, attention_mask = adapter.expand_prompt(bundle, batch.prompt_ids, lengths)
-        mark = FirstTokenMark(timer)
-        if stop:
-            stopper = StopOnText(bundle.tokenizer, stop, prompt_length=input_ids.shape[1])
-            kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
+        # in-LLM methods prune rectangular batches: samples with different image-token counts
+        # (LLaVA-NeXT's crops) go through the LLM as one sub-batch per count, in order
+        groups = _llm_groups(lengths) if method.llm is not None else [list(range(b))]
         start = timer.mark()
-        out = adapter.generate(
-            bundle, input_ids, attention_mask, features, logits_processor=[mark], **kwargs
-        )
+        mark = FirstTokenMark(timer)
+        llm_outs = []
+        for group in groups:
+            llm_outs.append(_llm_phase(bundle, batch, features, lengths, group, stop, mark,
+                                       probe.llm, kwargs))  # fmt: skip
         end = timer.mark()
-        llm_probe = probe.llm
     timer.add("prefill", start, mark.first if mark.first is not None else end)
     timer.add("decode", mark.first if mark.first is not None else end, end)
     timings = timer.results_ms()
-    kept = [float(t) for t in lengths]
     # per sample: the LLM-order provenance on CPU (features dropped) and the family's image facts
     provenance = adapter.provenance(bundle, compressed, batch.layout)
-    llm_kept: list[torch.Tensor | None] = [None] * b
-    if llm_probe is not None:
-        kept = llm_probe.mean_visual_tokens[-b:].tolist()
-        if llm_probe.keep_masks:
-            llm_kept = _patches_after_stages(llm_probe, [c for c, _ in provenance])
-    sequences = out.sequences if hasattr(out, "sequences") else out  # [B, L + new]
-    logits = getattr(out, "logits", None)  # new x [B,V] with output_logits=True
-    new_tokens = sequences[:, input_ids.shape[1] :].cpu()
-    texts_out = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    per_sample: dict[int, dict[str, Any]] = {}
+    for group, out in zip(groups, llm_outs):
+        per_sample.update(zip(group, out))
+    if probe.llm is not None:
+        for group, out in zip(groups, llm_outs):
+            for i, entry in zip(group, out):
+                if entry.pop("keep") is not None:
+                    entry["llm_kept"] = _patches_after_stages(
+                        entry.pop("stage_masks"), provenance[i][0]
+                    )
     return [
         GenerationResult(
             sample_id=str(sample_ids[i]),
-            text=cut_at_stop(texts_out[i], stop).strip(),
-            kept_tokens=kept[i],
+            text=cut_at_stop(per_sample[i]["text"], stop).strip(),
+            kept_tokens=per_sample[i]["kept"],
             timings=dict(timings),
             batch_size=b,
             prompt=batch.prompts[i],
             text_tokens=sum(1 for t in batch.prompt_ids[i] if t != bundle.image_token_id),
             compressed=provenance[i][0],
             image=provenance[i][1],
-            new_token_ids=new_tokens[i].tolist(),
-            logits=None if logits is None else torch.stack([x[i] for x in logits]).cpu(),
-            llm_kept=llm_kept[i],
+            new_token_ids=per_sample[i]["new_tokens"],
+            logits=per_sample[i]["logits"],
+            llm_kept=per_sample[i].get("llm_kept"),
         )
         for i in range(b)
     ]
 
 
-def _patches_after_stages(probe: Any, provenance: Sequence[Compressed]) -> list[torch.Tensor]:
-    """Per sample [N] bool: the patches whose image token survived the last in-LLM stage (the
-    image positions of the prompt hold the sample's tokens in LLM order, as ``provenance``
-    lists them; layout tokens such as newlines have no source)."""
-    keep, image = probe.keep_masks[-1].cpu(), probe.image_masks[-1].cpu()  # [B,Lp]
-    out = []
-    for i, c in enumerate(provenance):  # B host-side masks, once per batch
-        survived = keep[i][image[i]]  # [T_i] over the sample's image tokens, in order
-        src = c.source[0, : survived.shape[0]][survived]  # [K] patches of the kept tokens
-        patches = torch.zeros(c.members.shape[-1], dtype=torch.bool)
-        patches[src[src >= 0]] = True
-        out.append(patches)
-    return out
+def _llm_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Sample indices with equal visual-token counts, one list per count (first-seen order)."""
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(lengths):
+        groups.setdefault(int(t), []).append(i)
+    return list(groups.values())
+
+
+def _llm_phase(bundle, batch, features, lengths, group, stop, mark, llm_probe, kwargs):
+    """Prompt expansion and ``generate`` for the samples ``group`` of the batch; per sample its
+    text, new token ids, logits, visual tokens seen and (in-LLM methods) the stage masks."""
+    adapter = bundle.adapter
+    prompt_ids = [batch.prompt_ids[i] for i in group]
+    input_ids, attention_mask = adapter.expand_prompt(bundle, prompt_ids,
+                                                      [lengths[i] for i in group])  # fmt: skip
+    call = dict(kwargs)
+    if stop:
+        stopper = StopOnText(bundle.tokenizer, stop, prompt_length=input_ids.shape[1])
+        call["stopping_criteria"] = StoppingCriteriaList([stopper])
+    out = adapter.generate(bundle, input_ids, attention_mask, [features[i] for i in group],
+                           logits_processor=[mark], **call)  # fmt: skip
+    sequences = out.sequences if hasattr(out, "sequences") else out  # [g, L + new]
+    logits = getattr(out, "logits", None)  # new x [g,V] with output_logits=True
+    new_tokens = sequences[:, input_ids.shape[1] :].cpu()
+    texts = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    kept = [float(lengths[i]) for i in group]
+    keep = masks = None
+    if llm_probe is not None:  # this prefill's entries are the probe's newest
+        kept = llm_probe.per_layer_counts[:, -len(group) :].double().mean(dim=0).tolist()
+        if llm_probe.keep_masks:
+            keep, masks = llm_probe.keep_masks[-1].cpu(), llm_probe.image_masks[-1].cpu()
+    return [
+        {
+            "text": texts[j],
+            "new_tokens": new_tokens[j].tolist(),
+            "logits": None if logits is None else torch.stack([x[j] for x in logits]).cpu(),
+            "kept": kept[j],
+            "keep": keep,
+            "stage_masks": None if keep is None else (keep[j], masks[j]),
+        }
+        for j in range(len(group))
+    ]
+
+
+def _patches_after_stages(stage_masks: tuple[torch.Tensor, torch.Tensor],
+                          provenance: Compressed) -> torch.Tensor:  # fmt: skip
+    """[N] bool: the patches whose image token survived the last in-LLM stage. ``stage_masks``:
+    the sample's [Lp] kept and image positions; its image positions hold its tokens in LLM
+    order, as ``provenance`` lists them (layout tokens such as newlines have no source)."""
+    keep, image = stage_masks
+    survived = keep[image]  # [T_i] over the sample's image tokens, in order
+    src = provenance.source[0, : survived.shape[0]][survived]  # [K] patches of the kept tokens
+    patches = torch.zeros(provenance.members.shape[-1], dtype=torch.bool)
+    patches[src[src >= 0]] = True
+    return patches

@@ -88,6 +88,10 @@ class SampleRow(TypedDict):
     # where the method looked (recomp_eval.metrics.targets: recall, precision, AUROC per score)
     target_mask: NotRequired[str]
     target: NotRequired[dict[str, float | int | None]]
+    # families whose images vary in size (LLaVA-NeXT): crops, kept tokens per crop, newlines,
+    # the visual tokens of the uncompressed image (``image_tokens``), ... (the adapter's facts)
+    image: NotRequired[dict[str, Any]]
+    n_image_tokens: NotRequired[int]  # the image's visual tokens uncompressed (FLOPs, in-LLM)
 
 
 def target_entry(codes: str, mask: Any, scores: dict[str, Any]) -> dict[str, float | int | None]:
@@ -136,6 +140,9 @@ def sample_row(
         keep_map=codes,
         prompt=result.prompt if first else None,
     )
+    if result.image:
+        row["image"] = dict(result.image)
+        row["n_image_tokens"] = int(result.image["image_tokens"])
     if target_mask is not None and codes is not None:
         from recomp_eval.synth.targets import encode_mask
 

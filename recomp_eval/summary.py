@@ -181,7 +181,11 @@ def target_metrics(
 
 
 def requested_and_achieved(
-    method: BuiltMethod, retention: float | None, shapes: Any, kept: list[float]
+    method: BuiltMethod,
+    retention: float | None,
+    shapes: Any,
+    kept: list[float],
+    rows: list[dict[str, Any]] | None = None,
 ) -> dict[str, float | None]:
     """Visual tokens asked for and given, for the record's ``tokens``.
 
@@ -189,12 +193,27 @@ def requested_and_achieved(
     ``achieved``: pre-LLM methods, the mean tokens the LLM received; in-LLM methods, the image
     tokens at the input of the last decoder layer (their ``kept tokens`` is the mean over
     layers). Where a count rule differs from the request (DART's ``4 + 8 (M // 8)``, TRIM's
-    mean token, PyramidDrop's floors), the two differ.
+    mean token, PyramidDrop's floors), the two differ. Families whose images vary
+    (LLaVA-NeXT: rows with an ``image`` entry) request per image: ``retention`` of each crop
+    (``per_crop``) or of all its patches (``global``), newlines not counted; the mean over rows.
     """
     from recomp_eval.methods.base import budget_from_ratio
 
-    n = shapes.patches
-    requested = None if retention is None else budget_from_ratio(float(retention), n)
+    images = [r["image"] for r in rows or () if r.get("image")]
+    if images and not shapes.fixed_grid:
+        per_crop = shapes.grid[0] * shapes.grid[1]
+
+        def asked(image: dict[str, Any]) -> int:
+            if image.get("scope") == "global":
+                return budget_from_ratio(float(retention), per_crop * image["crops"])
+            return budget_from_ratio(float(retention), per_crop) * image["crops"]
+
+        requested = None if retention is None else statistics.fmean(map(asked, images))
+        full = [float(r["n_image_tokens"]) for r in rows or () if r.get("n_image_tokens")]
+        n = round(statistics.fmean(full)) if full else shapes.patches
+    else:
+        n = shapes.patches
+        requested = None if retention is None else budget_from_ratio(float(retention), n)
     if method.llm is not None:
         achieved = float(method.llm.visual_counts(n, shapes.decoder.layers)[-1])
     else:
@@ -371,7 +390,7 @@ def build_record(
             "min": min(kept, default=float("nan")),
             "max": max(kept, default=float("nan")),
             "requested_retention": method_doc["retention"],
-            **requested_and_achieved(method, method_doc["retention"], shapes, kept),
+            **requested_and_achieved(method, method_doc["retention"], shapes, kept, rows),
         },
         latency_ms=latency_summary(rows),
         flops=flops_summary(shapes, method, rows),

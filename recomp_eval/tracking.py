@@ -272,7 +272,7 @@ def log_samples(tracker: Any, evaluation: Any, spec: Any, record: Any, n: int) -
     from recomp_eval.runner import load_run_rows
 
     rows_by_id = load_run_rows(Path(record.run_dir))
-    grid = evaluation.shapes.grid  # (rows, cols) of the family's patch grid
+    bundle, adapter = evaluation.bundle, evaluation.adapter
     table = []
     for sample in evaluation.benchmark:
         row = rows_by_id.get(sample.sample_id)
@@ -280,9 +280,8 @@ def log_samples(tracker: Any, evaluation: Any, spec: Any, record: Any, n: int) -
             continue
         fig = None
         if row.get("keep_map"):
-            fig = keepmap.render(
-                keepmap.decode(row["keep_map"]),
-                grid,
+            fig = keepmap.render_panels(
+                adapter.keep_map_panels(bundle, keepmap.decode(row["keep_map"]), row),
                 sample.image,
                 title=f"{sample.sample_id}: {row['kept_tokens']:.0f} tokens",
             )

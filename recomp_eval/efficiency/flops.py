@@ -110,9 +110,11 @@ def flops_summary(shapes: Any, method: Any, rows: list[dict[str, Any]]) -> dict[
         for formula in per_sample:
             per_sample[formula].append(prefill_flops(counts, shape, formula) / 1e12)  # type: ignore[arg-type]
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    # tower items per image: LLaVA-NeXT's crops (from the rows), else one
+    items = mean([float((r.get("image") or {}).get("crops", 1)) for r in rows]) if rows else 1.0
     return {
         "prefill_tflops": mean(per_sample["swiglu"]),
         "prefill_tflops_fastv_formula": mean(per_sample["fastv"]),
-        "vision_tflops": vision_flops(shapes, method.spec) / 1e12,
+        "vision_tflops": vision_flops(shapes, method.spec) * items / 1e12,
         "formula": "swiglu: 2*(4nd^2 + 2n^2d + 3ndm) per layer (GQA-aware QKVO); fastv: 2ndm FFN",
     }

@@ -29,9 +29,12 @@ __all__ = [
 ]
 
 # family -> "module:Class" of its adapter
-FAMILIES: dict[str, str] = {"llava": "recomp_eval.models.llava.adapter:LlavaAdapter"}
+FAMILIES: dict[str, str] = {
+    "llava": "recomp_eval.models.llava.adapter:LlavaAdapter",
+    "llava_next": "recomp_eval.models.llava_next.adapter:LlavaNextAdapter",
+}
 # transformers ``config.model_type`` -> family (to find the adapter of an already loaded model)
-MODEL_TYPES: dict[str, str] = {"llava": "llava"}
+MODEL_TYPES: dict[str, str] = {"llava": "llava", "llava_next": "llava_next"}
 DEFAULT_FAMILY = "llava"
 
 
@@ -44,8 +47,9 @@ def register_family(name: str, target: str, model_types: tuple[str, ...] = ()) -
         MODEL_TYPES[model_type] = name
 
 
-def get_adapter(family: str) -> Any:
-    """The adapter of ``family``; an unknown name lists the known ones with a did-you-mean."""
+def get_adapter(family: str, options: dict[str, Any] | None = None) -> Any:
+    """The adapter of ``family`` (built with the model config's ``options``, the family's own
+    settings); an unknown name lists the known ones with a did-you-mean."""
     if family not in FAMILIES:
         close = difflib.get_close_matches(family, FAMILIES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -54,7 +58,15 @@ def get_adapter(family: str) -> Any:
             f" (model.family in configs/model/*.yaml)"
         )
     module, _, name = FAMILIES[family].partition(":")
-    return getattr(importlib.import_module(module), name)()
+    cls = getattr(importlib.import_module(module), name)
+    options = dict(options or {})
+    try:
+        return cls(**options)
+    except TypeError:
+        raise ValueError(
+            f"model.options {options} are not settings of the {family} family; remove them or "
+            f"see docs/models.md for the options each family takes"
+        ) from None
 
 
 def adapter_for_model(model: Any) -> Any:
@@ -79,7 +91,7 @@ def load_model(model_cfg: Any) -> ModelBundle:
     import torch
 
     cfg = dict(model_cfg)
-    adapter = get_adapter(str(cfg.get("family") or DEFAULT_FAMILY))
+    adapter = get_adapter(str(cfg.get("family") or DEFAULT_FAMILY), cfg.get("options"))
     from recomp_eval.shards import launched_world_size
 
     device = cfg.get("device", "cpu")

@@ -66,6 +66,9 @@ class ModelShapes:
     decoder: DecoderShape  # LLM sizes for prefill FLOPs
     vision_flops: int  # FLOPs of one vision-tower pass over one image
     context_length: int  # the LLM's max_position_embeddings
+    # one patch grid for every image (targets and keep maps on ``grid``); False where the patches
+    # an image has vary (LLaVA-NeXT's crops: keep maps cover each image's own crops)
+    fixed_grid: bool = True
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,10 @@ class ModelAdapter(Protocol):
         """``generate`` with the projected features; returns [B, L + new] sequences."""
 
     def shapes(self, bundle: ModelBundle) -> ModelShapes: ...
+
+    def keep_map_panels(self, bundle: ModelBundle, codes: Any, row: dict[str, Any]) -> list[Any]:
+        """A sample's keep-map codes [N] (``row``: its samples.jsonl row) as ``(label, [rows,
+        cols])`` panels covering the whole image, for :func:`recomp_eval.keepmap.render_panels`."""
 
 
 def required_signals(spec: Any) -> set[str]:

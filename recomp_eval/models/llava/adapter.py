@@ -160,6 +160,9 @@ class LlavaAdapter(ClipTowerSteps):
         return generate_with_features(bundle.model, input_ids, attention_mask, features,
                                       **generate_kwargs)  # fmt: skip
 
+    def keep_map_panels(self, bundle: ModelBundle, codes, row) -> list:
+        return [("", codes.reshape(self.shapes(bundle).grid))]  # one grid over the image
+
     def shapes(self, bundle: ModelBundle) -> ModelShapes:
         config = bundle.model.config
         vc = config.vision_config

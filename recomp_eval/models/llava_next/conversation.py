@@ -61,7 +61,9 @@ def base_of(config: Any) -> str:
 
 def _check_base(base: str) -> str:
     if base not in CONV_MODES:
-        raise ValueError(f"unknown LLaVA-NeXT base '{base}'; expected one of {', '.join(CONV_MODES)}")
+        raise ValueError(
+            f"unknown LLaVA-NeXT base '{base}'; expected one of {', '.join(CONV_MODES)}"
+        )
     return base
 
 
