@@ -182,6 +182,7 @@ class Evaluation:
         adapter.check_prompt(b, self.protocol, prompt, PROBE_TEXT)
         for method in self.methods:
             check_signals(method, adapter)
+            adapter.check_method(method)
             if method.llm is not None:
                 check_depth(method.llm, self.shapes.decoder.layers)
 

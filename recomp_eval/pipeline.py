@@ -111,7 +111,8 @@ def vision_side(
     reported as this run's vision stage (:mod:`recomp_eval.inject.tower_policy`).
     """
     adapter, spec = bundle.adapter, method.spec
-    done = vision_passes(adapter, bundle, probe, pixel_values, spec, timer, cache, cache_key)
+    done = vision_passes(adapter, bundle, probe, pixel_values, spec, timer, cache, cache_key,
+                         layout)  # fmt: skip
     with timer.stage("vision"):
         tower_out = adapter.signals(bundle, done, spec, seeds, layout)
     if spec.text is not None:
@@ -181,6 +182,8 @@ def generate(
             layout=batch.layout,
         )
         lengths = [int(f.shape[0]) for f in features]  # what the LLM receives per sample
+        # per sample: the LLM-order provenance on CPU (features dropped) and the family's facts
+        provenance = adapter.provenance(bundle, compressed, batch.layout)
         # in-LLM methods prune rectangular batches: samples with different image-token counts
         # (LLaVA-NeXT's crops) go through the LLM as one sub-batch per count, in order
         groups = _llm_groups(lengths) if method.llm is not None else [list(range(b))]
@@ -189,13 +192,11 @@ def generate(
         llm_outs = []
         for group in groups:
             llm_outs.append(_llm_phase(bundle, batch, features, lengths, group, stop, mark,
-                                       probe.llm, kwargs))  # fmt: skip
+                                       probe.llm, kwargs, provenance))  # fmt: skip
         end = timer.mark()
     timer.add("prefill", start, mark.first if mark.first is not None else end)
     timer.add("decode", mark.first if mark.first is not None else end, end)
     timings = timer.results_ms()
-    # per sample: the LLM-order provenance on CPU (features dropped) and the family's image facts
-    provenance = adapter.provenance(bundle, compressed, batch.layout)
     per_sample: dict[int, dict[str, Any]] = {}
     for group, out in zip(groups, llm_outs):
         per_sample.update(zip(group, out))
@@ -233,7 +234,7 @@ def _llm_groups(lengths: Sequence[int]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _llm_phase(bundle, batch, features, lengths, group, stop, mark, llm_probe, kwargs):
+def _llm_phase(bundle, batch, features, lengths, group, stop, mark, llm_probe, kwargs, provenance):
     """Prompt expansion and ``generate`` for the samples ``group`` of the batch; per sample its
     text, new token ids, logits, visual tokens seen and (in-LLM methods) the stage masks."""
     adapter = bundle.adapter
@@ -245,7 +246,8 @@ def _llm_phase(bundle, batch, features, lengths, group, stop, mark, llm_probe, k
         stopper = StopOnText(bundle.tokenizer, stop, prompt_length=input_ids.shape[1])
         call["stopping_criteria"] = StoppingCriteriaList([stopper])
     out = adapter.generate(bundle, input_ids, attention_mask, [features[i] for i in group],
-                           logits_processor=[mark], **call)  # fmt: skip
+                           logits_processor=[mark],
+                           provenance=[provenance[i] for i in group], **call)  # fmt: skip
     sequences = out.sequences if hasattr(out, "sequences") else out  # [g, L + new]
     logits = getattr(out, "logits", None)  # new x [g,V] with output_logits=True
     new_tokens = sequences[:, input_ids.shape[1] :].cpu()

@@ -193,20 +193,18 @@ def requested_and_achieved(
     ``achieved``: pre-LLM methods, the mean tokens the LLM received; in-LLM methods, the image
     tokens at the input of the last decoder layer (their ``kept tokens`` is the mean over
     layers). Where a count rule differs from the request (DART's ``4 + 8 (M // 8)``, TRIM's
-    mean token, PyramidDrop's floors), the two differ. Families whose images vary
-    (LLaVA-NeXT: rows with an ``image`` entry) request per image: ``retention`` of each crop
-    (``per_crop``) or of all its patches (``global``), newlines not counted; the mean over rows.
+    mean token, PyramidDrop's floors), the two differ. Families whose images vary (rows with an
+    ``image`` entry) request per image ``retention`` of each item the method saw
+    (``image.budget_over``: LLaVA-NeXT's crops, or all its patches with ``global``; Qwen2.5-VL's
+    merged tokens), newlines not counted; the mean over rows.
     """
     from recomp_eval.methods.base import budget_from_ratio
 
-    images = [r["image"] for r in rows or () if r.get("image")]
+    images = [r["image"] for r in rows or () if r.get("image", {}).get("budget_over")]
     if images and not shapes.fixed_grid:
-        per_crop = shapes.grid[0] * shapes.grid[1]
 
-        def asked(image: dict[str, Any]) -> int:
-            if image.get("scope") == "global":
-                return budget_from_ratio(float(retention), per_crop * image["crops"])
-            return budget_from_ratio(float(retention), per_crop) * image["crops"]
+        def asked(image: dict[str, Any]) -> int:  # one budget per item the method saw
+            return sum(budget_from_ratio(float(retention), n) for n in image["budget_over"])
 
         requested = None if retention is None else statistics.fmean(map(asked, images))
         full = [float(r["n_image_tokens"]) for r in rows or () if r.get("n_image_tokens")]

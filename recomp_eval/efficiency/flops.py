@@ -110,11 +110,16 @@ def flops_summary(shapes: Any, method: Any, rows: list[dict[str, Any]]) -> dict[
         for formula in per_sample:
             per_sample[formula].append(prefill_flops(counts, shape, formula) / 1e12)  # type: ignore[arg-type]
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
-    # tower items per image: LLaVA-NeXT's crops (from the rows), else one
-    items = mean([float((r.get("image") or {}).get("crops", 1)) for r in rows]) if rows else 1.0
+    # one tower pass per image: the family's own count where images vary (LLaVA-NeXT's crops,
+    # Qwen2.5-VL's patches: rows' image.vision_flops), else the config's one image
+    per_image = [float(r["image"]["vision_flops"]) for r in rows
+                 if (r.get("image") or {}).get("vision_flops")]  # fmt: skip
+    passes = vision_flops(shapes, method.spec) / max(int(shapes.vision_flops), 1)
+    one = passes * mean(per_image) if per_image else vision_flops(shapes, method.spec)
+    vision_tflops = one / 1e12
     return {
         "prefill_tflops": mean(per_sample["swiglu"]),
         "prefill_tflops_fastv_formula": mean(per_sample["fastv"]),
-        "vision_tflops": vision_flops(shapes, method.spec) * items / 1e12,
+        "vision_tflops": vision_tflops,
         "formula": "swiglu: 2*(4nd^2 + 2n^2d + 3ndm) per layer (GQA-aware QKVO); fastv: 2ndm FFN",
     }

@@ -29,6 +29,7 @@ class CompressionProbe:
     q_layers: tuple[int, ...]
     k_layers: tuple[int, ...]
     llm: Any = None
+    spec: Any = None  # the method's SignalSpec (families that capture signals in their pass)
 
 
 def hook_layers(spec: Any, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -61,6 +62,8 @@ def compress(
 
     points = (adapter or adapter_for_model(model)).hook_points(model)
     q_layers, k_layers = hook_layers(method.spec, points.num_layers)
+    if points.attention is None:  # the family captures what it needs inside its tower pass
+        q_layers, k_layers = (), ()
     if image_token_id is None:
         image_token_id = int(model.config.image_token_id)
     with ExitStack() as stack:
@@ -68,4 +71,5 @@ def compress(
         llm = None
         if method.llm is not None:
             llm = stack.enter_context(llm_pruning(model, method.llm, image_token_id))
-        yield CompressionProbe(vision=vision, q_layers=q_layers, k_layers=k_layers, llm=llm)
+        yield CompressionProbe(vision=vision, q_layers=q_layers, k_layers=k_layers, llm=llm,
+                               spec=method.spec)  # fmt: skip

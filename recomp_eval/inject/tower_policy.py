@@ -39,6 +39,7 @@ def vision_passes(
     timer: Any,
     cache: VisionCache | None = None,
     cache_key: tuple | None = None,
+    layout: Any = None,
 ) -> TowerPass:
     """The batch's tower pass(es) for ``spec``, timed into ``timer``'s vision stage.
 
@@ -49,6 +50,8 @@ def vision_passes(
         spec: the method's signal spec (``vit_passes``).
         timer: a :class:`~recomp_eval.timing.StageTimer`.
         cache, cache_key: share passes across the runs of one evaluation (opt-in).
+        layout: the batch's :class:`~recomp_eval.models.base.BatchLayout` (families whose tower
+            needs more than the pixels, e.g. Qwen2.5-VL's image grids).
     """
     passes = check_passes(spec)
     done = None
@@ -60,14 +63,14 @@ def vision_passes(
         return done
     start = timer.mark()
     extra = (cache.q_layers, cache.k_layers) if cache is not None else ((), ())
-    done = adapter.tower_pass(bundle, pixel_values, probe, *extra)
+    done = adapter.tower_pass(bundle, pixel_values, probe, *extra, layout=layout)
     done.span = (start, timer.mark())
     timer.add("vision", *done.span)
     if cache is not None and cache_key is not None:
         cache.put(cache_key, done)
     if passes == 2:
         with timer.stage("vision"):
-            repeated = adapter.last_hidden(bundle, pixel_values)  # [B,N+1,C]
+            repeated = adapter.last_hidden(bundle, pixel_values, layout=layout)  # [B,N+1,C]
         # the release's second pass feeds Z; a stored pass keeps the first's identical values
         done = TowerPass(hidden=done.hidden, last_hidden=repeated, q=done.q, k=done.k,
                          span=done.span)  # fmt: skip

@@ -32,9 +32,10 @@ __all__ = [
 FAMILIES: dict[str, str] = {
     "llava": "recomp_eval.models.llava.adapter:LlavaAdapter",
     "llava_next": "recomp_eval.models.llava_next.adapter:LlavaNextAdapter",
+    "qwen2_5_vl": "recomp_eval.models.qwen2_5_vl.adapter:QwenAdapter",
 }
 # transformers ``config.model_type`` -> family (to find the adapter of an already loaded model)
-MODEL_TYPES: dict[str, str] = {"llava": "llava", "llava_next": "llava_next"}
+MODEL_TYPES: dict[str, str] = {"llava": "llava", "llava_next": "llava_next", "qwen2_5_vl": "qwen2_5_vl"}
 DEFAULT_FAMILY = "llava"
 
 

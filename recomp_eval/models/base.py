@@ -78,7 +78,9 @@ class HookPoints:
     tower: torch.nn.Module
     num_layers: int
     num_heads: int
-    attention: Callable[[int], torch.nn.Module]  # layer index -> module with q_proj / k_proj
+    # layer index -> module with q_proj / k_proj; None: the family's tower pass captures what the
+    # method needs itself (Qwen2.5-VL's fused qkv under window attention)
+    attention: Callable[[int], torch.nn.Module] | None
 
 
 @dataclass
@@ -207,11 +209,16 @@ class ModelAdapter(Protocol):
         probe: Any,
         extra_q: Sequence[int] = (),
         extra_k: Sequence[int] = (),
+        layout: BatchLayout | None = None,
     ) -> Any:
         """One tower pass under ``probe``'s hooks, as a :class:`~recomp_eval.inject.vision_cache.TowerPass`."""
 
-    def last_hidden(self, bundle: ModelBundle, pixel_values: torch.Tensor) -> torch.Tensor:
+    def last_hidden(self, bundle: ModelBundle, pixel_values: torch.Tensor,
+                    layout: BatchLayout | None = None) -> torch.Tensor:  # fmt: skip
         """A plain tower pass's last hidden state [B,N+1,C] (RC ``official``'s repeated pass)."""
+
+    def check_method(self, method: Any) -> None:
+        """One line when the family cannot run ``method`` as configured (beyond its signals)."""
 
     def signals(
         self,
@@ -266,15 +273,30 @@ class ModelAdapter(Protocol):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         features: Sequence[torch.Tensor],
+        provenance: Sequence[tuple[Compressed, dict[str, Any]]] | None = None,
         **generate_kwargs: Any,
     ) -> Any:
-        """``generate`` with the projected features; returns [B, L + new] sequences."""
+        """``generate`` with the projected features; returns [B, L + new] sequences.
+        ``provenance``: per sample what :meth:`provenance` gave (its visual tokens' sources and
+        the family's facts: what a family with spatial positions, Qwen2.5-VL's M-RoPE, places
+        the tokens by)."""
 
     def shapes(self, bundle: ModelBundle) -> ModelShapes: ...
 
     def keep_map_panels(self, bundle: ModelBundle, codes: Any, row: dict[str, Any]) -> list[Any]:
         """A sample's keep-map codes [N] (``row``: its samples.jsonl row) as ``(label, [rows,
         cols])`` panels covering the whole image, for :func:`recomp_eval.keepmap.render_panels`."""
+
+
+def working_methods(adapter: Any) -> list[str]:
+    """The registered methods whose signals ``adapter``'s family supplies."""
+    from recomp_eval.methods import METHODS, build_method
+
+    return sorted(
+        name
+        for name in METHODS
+        if not required_signals(build_method(name).spec) - set(adapter.supported_signals)
+    )
 
 
 def required_signals(spec: Any) -> set[str]:
@@ -302,13 +324,7 @@ def check_signals(method: Any, adapter: Any) -> None:
     missing = sorted(required_signals(method.spec) - set(adapter.supported_signals))
     if not missing:
         return
-    from recomp_eval.methods import METHODS, build_method
-
-    working = sorted(
-        name
-        for name in METHODS
-        if not required_signals(build_method(name).spec) - set(adapter.supported_signals)
-    )
+    working = working_methods(adapter)
     raise ValueError(
         f"method '{method.name}' needs {', '.join(missing)}, which the {adapter.family} family "
         f"cannot supply; methods that work with {adapter.family}: {', '.join(working)}"

@@ -163,10 +163,14 @@ class ClipTowerSteps:
     def hook_points(self, model: torch.nn.Module) -> HookPoints:
         return hook_points(model)
 
-    def tower_pass(self, bundle, pixel_values, probe, extra_q=(), extra_k=()):
+    def check_method(self, method) -> None:
+        """Every method runs on a CLIP tower (signals are checked apart)."""
+
+    def tower_pass(self, bundle, pixel_values, probe, extra_q=(), extra_k=(), layout=None):
         return tower_pass(bundle.model, pixel_values, probe, extra_q, extra_k)
 
-    def last_hidden(self, bundle: ModelBundle, pixel_values: torch.Tensor) -> torch.Tensor:
+    def last_hidden(self, bundle: ModelBundle, pixel_values: torch.Tensor,
+                    layout=None) -> torch.Tensor:  # fmt: skip
         return last_hidden_state(bundle.model, pixel_values)
 
     def signals(self, bundle, done, spec, seeds=None, layout=None) -> TowerOutput:

@@ -156,7 +156,8 @@ class LlavaAdapter(ClipTowerSteps):
         return expand_image_tokens(prompt_ids, lengths, bundle.image_token_id,
                                    bundle.tokenizer.pad_token_id, bundle.device)  # fmt: skip
 
-    def generate(self, bundle, input_ids, attention_mask, features, **generate_kwargs):
+    def generate(self, bundle, input_ids, attention_mask, features, provenance=None,
+                 **generate_kwargs):  # fmt: skip
         return generate_with_features(bundle.model, input_ids, attention_mask, features,
                                       **generate_kwargs)  # fmt: skip
 

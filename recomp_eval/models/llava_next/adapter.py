@@ -216,6 +216,7 @@ class LlavaNextAdapter(ClipTowerSteps):
         """Per image the LLM-order provenance over its K*N patches and the row's ``image``
         entry: crops, size, unpadded grid, kept tokens per crop, newlines, margin drops."""
         tokens, layouts, orders = self._packed(bundle, compressed, layout)
+        crop_flops = vit_flops(bundle.model.config.vision_config)
         result = []
         for tok, lay, order, size in zip(tokens, layouts, orders, layout.data):
             placed = order.order[order.order >= 0]
@@ -231,6 +232,11 @@ class LlavaNextAdapter(ClipTowerSteps):
                 "newlines": order.newlines,
                 "margin_dropped": order.margin_dropped,
                 "image_tokens": lay.length,  # what the LLM would see uncompressed
+                # the patch counts `retention` applies to, and one tower pass over the crops
+                "budget_over": [lay.patches * lay.crops]
+                if self.scope == "global"
+                else [lay.patches] * lay.crops,
+                "vision_flops": lay.crops * crop_flops,
             }
             result.append((llm_provenance(tok, order), info))
         return result
@@ -241,7 +247,8 @@ class LlavaNextAdapter(ClipTowerSteps):
         return expand_image_tokens(prompt_ids, lengths, bundle.image_token_id,
                                    bundle.tokenizer.pad_token_id, bundle.device)  # fmt: skip
 
-    def generate(self, bundle, input_ids, attention_mask, features, **generate_kwargs):
+    def generate(self, bundle, input_ids, attention_mask, features, provenance=None,
+                 **generate_kwargs):  # fmt: skip
         return generate_with_features(bundle.model, input_ids, attention_mask, features,
                                       **generate_kwargs)  # fmt: skip
 
