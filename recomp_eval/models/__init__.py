@@ -35,7 +35,11 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "recomp_eval.models.qwen2_5_vl.adapter:QwenAdapter",
 }
 # transformers ``config.model_type`` -> family (to find the adapter of an already loaded model)
-MODEL_TYPES: dict[str, str] = {"llava": "llava", "llava_next": "llava_next", "qwen2_5_vl": "qwen2_5_vl"}
+MODEL_TYPES: dict[str, str] = {
+    "llava": "llava",
+    "llava_next": "llava_next",
+    "qwen2_5_vl": "qwen2_5_vl",
+}
 DEFAULT_FAMILY = "llava"
 
 

@@ -108,9 +108,8 @@ class QwenAdapter:
 
     def resolve(self, model_id: str) -> str:
         """``tiny_qwen`` builds the offline tiny checkpoint; folders as the other families."""
-        from recomp_eval.models.qwen2_5_vl.tiny import build_tiny_qwen
-
         from recomp_eval.config_path import CONFIG_DIR
+        from recomp_eval.models.qwen2_5_vl.tiny import build_tiny_qwen
 
         if model_id == "tiny_qwen":
             return str(build_tiny_qwen())
@@ -317,7 +316,7 @@ class QwenAdapter:
 def image_grids(image_processor: Any, images) -> list[tuple[int, int, int]]:
     """(t, h, w) patch grid of each image, as the processor's ``image_grid_thw`` (its own
     ``smart_resize`` within its pixel bounds)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     from recomp_eval.models.qwen2_5_vl.loader import pixel_bounds
 

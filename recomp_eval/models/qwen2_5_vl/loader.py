@@ -15,6 +15,7 @@ from recomp_eval.models.base import ModelBundle
 from recomp_eval.models.checkpoint_checks import check_checkpoint_folder
 from recomp_eval.models.hf_loading import (
     _from_pretrained,
+    _load_with,
     _local_folder,
     load_hf_model,
     resolve_dtype,
@@ -48,6 +49,47 @@ def pixel_bounds(image_processor: Any) -> tuple[int, int]:
     return int(low), int(high)
 
 
+def _image_only_processor_class():
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        """The stock processor; only the class check of the absent (``None``) video processor
+        is skipped (its base class cannot be imported without torchvision)."""
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen2_5_VLProcessor
+
+
+def load_processor(folder: str):
+    """The stock ``Qwen2_5_VLProcessor`` of ``folder`` (tiny or real layout), torchvision-free.
+
+    ``AutoProcessor.from_pretrained(folder, backend="pil")`` is tried first; in transformers 5.x
+    it raises ``ImportError`` ("Video processor cannot be loaded - requested pil backend is not
+    available": ``qwen2_5_vl`` maps to the torchvision-only ``Qwen2VLVideoProcessor``), and the
+    processor is then built from the parts ``from_pretrained`` reads: the image processor
+    (``AutoImageProcessor`` with ``backend="pil"``: ``Qwen2VLImageProcessorPil``), the tokenizer
+    and the chat template (``chat_template.json``), with no video processor. Images and text go
+    through the stock ``__call__`` and ``apply_chat_template``; videos are not supported.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder, backend="pil")
+    except ImportError:
+        pass
+    processor_dict, _ = Qwen2_5_VLProcessor.get_processor_dict(folder)
+    return _image_only_processor_class()(
+        image_processor=AutoImageProcessor.from_pretrained(folder, backend="pil"),
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+        video_processor=None,
+        chat_template=processor_dict.get("chat_template"),
+    )
+
+
 def load_qwen(
     model_id: str,
     dtype: str | torch.dtype = "bfloat16",
@@ -59,7 +101,7 @@ def load_qwen(
     adapter: Any = None,
 ) -> ModelBundle:
     """Load a ``Qwen2_5_VLForConditionalGeneration`` checkpoint as a :class:`ModelBundle`."""
-    from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     torch_dtype = resolve_dtype(dtype)
     if (folder := _local_folder(model_id)) is not None:
@@ -71,7 +113,7 @@ def load_qwen(
             f"{model_id} is a '{model.config.model_type}' checkpoint, not qwen2_5_vl; use its "
             f"family's model config (model.family)"
         )
-    processor = _from_pretrained(AutoProcessor, model_id, backend="pil")
+    processor = _load_with("Qwen2_5_VLProcessor", load_processor, model_id)
     set_pixel_bounds(processor.image_processor, min_pixels, max_pixels)
     tokenizer = _from_pretrained(AutoTokenizer, model_id)
     tokenizer.padding_side = "left"

@@ -24,7 +24,7 @@ real ones: no BOS, EOS ``<|im_end|>``, pad ``<|endoftext|>``, and an embedding w
 Loading: ``Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)`` works as is. A stock
 ``AutoProcessor.from_pretrained(folder, backend="pil")`` does not, for this folder or a real one:
 transformers 5.x maps ``qwen2_5_vl`` to a torchvision-only video processor, which the CPU torch here
-cannot import. :func:`load_processor` builds the stock ``Qwen2_5_VLProcessor`` (stock image
+cannot import. :func:`~recomp_eval.models.qwen2_5_vl.loader.load_processor` builds the stock ``Qwen2_5_VLProcessor`` (stock image
 processor ``Qwen2VLImageProcessorPil``, tokenizer and chat template, all read from the folder)
 without a video processor. A built folder is reused, keyed by a hash of the spec and of the LLaVA
 fixture folder it borrows from.
@@ -32,6 +32,7 @@ fixture folder it borrows from.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -331,7 +332,6 @@ def _write_json(path: Path, obj: Any, indent: int = 2) -> None:
 def _build(spec: TinyQwenSpec, folder: Path, source: Path) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    _check_spec(spec)
     torch.manual_seed(spec.seed)
     tok = build_tokenizer(source)
     raw = config_dict(spec)
@@ -369,6 +369,7 @@ def build_tiny_qwen(spec: TinyQwenSpec | None = None, cache_dir: str | Path | No
     hash of its settings), so a changed tokenizer there gives a new folder here.
     """
     spec = spec or TinyQwenSpec()
+    _check_spec(spec)
     source = source_folder()
     settings = {**asdict(spec), "tokenizer_from": source.name, "format": FORMAT}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -376,40 +377,7 @@ def build_tiny_qwen(spec: TinyQwenSpec | None = None, cache_dir: str | Path | No
     return publish_once(folder, SPEC_FILE, lambda tmp: _build(spec, tmp, source))
 
 
-def load_processor(folder: str | Path):
-    """The stock ``Qwen2_5_VLProcessor`` of ``folder`` (tiny or real layout), torchvision-free.
-
-    ``AutoProcessor.from_pretrained(folder, backend="pil")`` is tried first; in transformers 5.x
-    it raises ``ImportError`` (``qwen2_5_vl`` has only a torchvision video processor), and the
-    processor is then built from the same parts ``from_pretrained`` reads: the image processor
-    (``AutoImageProcessor`` with ``backend="pil"``: ``Qwen2VLImageProcessorPil``), the tokenizer
-    and the chat template (``chat_template.json``), without a video processor (videos are not
-    supported; images and text go through the stock ``__call__`` and ``apply_chat_template``).
-    """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(folder, backend="pil")
-    except ImportError:
-        pass
-
-    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-        """Skips only the class check of the absent (``None``) video processor."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    processor_dict, _ = Qwen2_5_VLProcessor.get_processor_dict(folder)
-    return ImageOnlyQwen2_5_VLProcessor(
-        image_processor=AutoImageProcessor.from_pretrained(folder, backend="pil"),
-        tokenizer=AutoTokenizer.from_pretrained(folder),
-        video_processor=None,
-        chat_template=processor_dict.get("chat_template"),
-    )
-
-
+@functools.cache
 def load_tiny_qwen(
     spec: TinyQwenSpec | None = None,
     dtype: str | torch.dtype = "float32",
@@ -419,7 +387,7 @@ def load_tiny_qwen(
     """Build (or reuse) the tiny folder; return ``(model, processor)`` loaded from it.
 
     Plain ``from_pretrained`` (no family loader exists yet): the model in eval mode on
-    ``device``, the processor of :func:`load_processor` with a left-padding tokenizer (the real
+    ``device``, the processor of :func:`~recomp_eval.models.qwen2_5_vl.loader.load_processor` with a left-padding tokenizer (the real
     tokenizer pads on the right, which batched generation cannot use).
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -430,6 +398,8 @@ def load_tiny_qwen(
         folder, dtype=torch_dtype, attn_implementation=attn_implementation
     )
     model = model.to(device).eval()
+    from recomp_eval.models.qwen2_5_vl.loader import load_processor
+
     processor = load_processor(folder)
     processor.tokenizer.padding_side = "left"
     return model, processor
