@@ -21,16 +21,36 @@ on a GPU 32 layers (FastV/DART from layer 2; PyramidDrop at [2, 6, 12], retentio
 mean over layers). The cases are timed in a shuffled order in every round.
 
     python scripts/bench_prefill.py --in-llm --batch-sizes 8 --reps 2
+
+``--next``: LLaVA-NeXT (anyres) token counts, same 7B layer shape. A 672 x 672 image packs
+into ``pack_layout``'s 2,928 rows on the real pinpoints (base crop 576 + a 2 x 2 grid of 48 x 48
+patches + 48 newlines); per-crop compression at 64 tokens per crop keeps 5 x 64 = 320 rows plus
+the newlines of the grid rows that keep a patch (``packed_keep(newlines="row")``: at most 48,
+all 48 when every grid row keeps a patch). ``rc_per_crop`` times 320 + 48 (the target case),
+``rc_per_crop_no_newlines`` 320, ``rc_per_crop_repeat`` the first again (the sanity check: the
+same computation timed as two cases must agree within ``--tolerance``). The cases run in a
+shuffled order in every round after warm-up rounds of every case, on the same input embeddings
+(each case a prefix of one tensor). Target: at least 0.8x the analytic speed-up at B = 8.
+Writes ``results/bench/prefill_next_<device>.json`` and ``.md``.
+
+    python scripts/bench_prefill.py --next --batch-sizes 1 8 --reps 2   # CPU, 2 layers
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,6 +88,126 @@ def build(layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+# --- measurement method shared with bench_vision_path.py -------------------------------------
+
+
+def summarize(ms: list[float]) -> dict[str, float]:
+    """min / median / p90 / mean of a timing series (ms); p90 by linear interpolation."""
+    if not ms:
+        raise ValueError("summarize: empty timing series")
+    p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
+    return {"min": min(ms), "median": statistics.median(ms), "p90": p90,
+            "mean": statistics.fmean(ms), "n": len(ms)}  # fmt: skip
+
+
+def agreement(a_ms: list[float], b_ms: list[float], tolerance: float = 0.10) -> dict[str, Any]:
+    """Sanity check of a measurement: two timing series of the same computation (``a``, ``b``)
+    must have medians within ``tolerance`` (relative to ``b``), else the run is not valid.
+
+    Returns ``valid`` (bool), ``verdict`` (``valid`` / ``not valid``), ``ratio`` (median a /
+    median b), both medians, ``tolerance`` and a one-line ``message``.
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance={tolerance}; expected >= 0")
+    med_a, med_b = statistics.median(a_ms), statistics.median(b_ms)
+    ratio = med_a / med_b
+    valid = abs(ratio - 1.0) <= tolerance + 1e-12  # the edge counts as inside
+    verdict = "valid" if valid else "not valid"
+    message = (f"medians {med_a:.1f} vs {med_b:.1f} ms (ratio {ratio:.3f}, tolerance "
+               f"{tolerance:.0%}): measurement {verdict}")  # fmt: skip
+    return {"valid": valid, "verdict": verdict, "ratio": ratio, "median_a_ms": med_a,
+            "median_b_ms": med_b, "tolerance": tolerance, "message": message}  # fmt: skip
+
+
+def time_interleaved(
+    cases: dict[str, Callable[[], Any]],
+    warmup: int,
+    reps: int,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time every case in a freshly shuffled order each round, ``warmup`` untimed rounds first.
+
+    ``cases``: label -> callable; whatever it returns (e.g. per-stage ms) is kept per timed rep.
+    Wall time per call includes a device sync before and after. Returns ``ms`` (label -> timed
+    ms list), ``warmup_ms``, ``cpu_ms`` (this process's CPU time per timed call, all threads:
+    about ``threads x ms`` on an idle machine, less when other processes share the cores),
+    ``extra`` (label -> returned values), ``orders`` and ``loadavg`` (1-minute, per round).
+    """
+    rng = random.Random(seed)
+    order = list(cases)
+    out: dict[str, Any] = {"ms": {k: [] for k in cases}, "warmup_ms": {k: [] for k in cases},
+                           "cpu_ms": {k: [] for k in cases}, "extra": {k: [] for k in cases},
+                           "orders": [], "loadavg": []}  # fmt: skip
+    for r in range(warmup + reps):
+        rng.shuffle(order)
+        out["orders"].append(list(order))
+        for label in order:
+            sync(device)
+            start, cpu = time.perf_counter(), time.process_time()
+            extra = cases[label]()
+            sync(device)
+            ms = (time.perf_counter() - start) * 1e3
+            cpu_ms = (time.process_time() - cpu) * 1e3
+            if r < warmup:
+                out["warmup_ms"][label].append(ms)
+            else:
+                out["ms"][label].append(ms)
+                out["cpu_ms"][label].append(cpu_ms)
+                out["extra"][label].append(extra)
+        out["loadavg"].append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    return out
+
+
+def quiet_reps(timed: dict[str, Any], threads: int, frac: float = 0.9) -> dict[str, list[float]]:
+    """Per case the timed ms of the reps in which this process had its cores to itself: CPU
+    time over wall time at least ``frac x threads`` (CPU only; other processes on the cores
+    lower it). A secondary, contention-free estimate next to the all-reps statistics."""
+    return {label: [w for w, c in zip(ms, timed["cpu_ms"][label]) if c >= frac * threads * w]
+            for label, ms in timed["ms"].items()}  # fmt: skip
+
+
+def pin_threads(threads: int | None) -> int:
+    """Fix torch's intra-op threads (default: every CPU core) and return the count."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine_info(device: str, scripts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Machine, library versions, threads, load and commit, for the record."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                 .splitlines() if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "commit": _git("rev-parse", "HEAD"),
+    }  # fmt: skip
+    if scripts:  # uncommitted changes to the benchmark scripts themselves
+        info["scripts_modified"] = bool(_git("status", "--porcelain", "--", *scripts))
+    return info
 
 
 @torch.inference_mode()
@@ -229,6 +369,169 @@ def main_in_llm(args, on_gpu: bool, dtype: torch.dtype) -> None:
     print("\n".join(lines))
 
 
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6
+NEXT_IMAGE = (672, 672)  # (height, width): a 2 x 2 grid, 5 crops
+PER_CROP = 64  # tokens kept per crop (64 / 576 of every crop)
+
+
+def next_layout(image_size=NEXT_IMAGE, pinpoints=NEXT_PINPOINTS, crop: int = 336,
+                patch: int = 14):  # fmt: skip
+    """``pack_layout`` of one image on a LLaVA-NeXT config (only ``model.config`` is read)."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig
+
+    from recomp_eval.models.llava_next.packing import pack_layout
+
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=crop, patch_size=patch),
+                          image_grid_pinpoints=pinpoints)  # fmt: skip
+    return pack_layout(SimpleNamespace(config=cfg), list(image_size))
+
+
+def next_cases(layout, per_crop: int = PER_CROP) -> dict[str, int]:
+    """label -> visual tokens: the full packing and per-crop compression with / without the
+    grid newlines (``rc_per_crop_repeat``: the same count again, the noise check)."""
+    kept = layout.crops * per_crop
+    return {"full": layout.length, "rc_per_crop": kept + layout.newlines,
+            "rc_per_crop_repeat": kept + layout.newlines,
+            "rc_per_crop_no_newlines": kept}  # fmt: skip
+
+
+@torch.inference_mode()
+def time_next(model, batch: int, visual: dict[str, int], reps: int, warmup: int, device: str,
+              seed: int) -> dict:  # fmt: skip
+    """Interleaved prefill timings of ``TEXT_TOKENS + visual[label]`` tokens per case; every
+    case's input is a prefix of one random embedding tensor."""
+    g = torch.Generator().manual_seed(seed)
+    longest = TEXT_TOKENS + max(visual.values())
+    embeds = torch.randn(batch, longest, model.config.hidden_size, generator=g) * 0.02
+    embeds = embeds.to(device, model.dtype)
+    inputs = {label: embeds[:, : TEXT_TOKENS + k].contiguous() for label, k in visual.items()}
+    masks = {label: torch.ones(x.shape[:2], dtype=torch.long, device=device)
+             for label, x in inputs.items()}  # fmt: skip
+
+    def case(label: str) -> Callable[[], None]:
+        def run() -> None:
+            model(inputs_embeds=inputs[label], attention_mask=masks[label], use_cache=True,
+                  logits_to_keep=1)  # fmt: skip
+
+        return run
+
+    return time_interleaved({label: case(label) for label in visual}, warmup, reps, device, seed)
+
+
+def main_next(args, on_gpu: bool, dtype: torch.dtype, threads: int) -> None:
+    """``--next``: full NeXT packing vs per-crop compression, measured vs analytic."""
+    if args.smoke:  # tiny decoder, real token counts: seconds on a CPU
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_attention_heads=4,
+                          num_key_value_heads=4, num_hidden_layers=1, vocab_size=128,
+                          max_position_embeddings=4096)  # fmt: skip
+        cfg._attn_implementation = "sdpa"
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg).to(dtype).eval()
+        layers = 1
+    else:
+        layers = args.layers or (32 if on_gpu else 2)
+        model = build(layers, dtype, args.device)
+    shape = DecoderShape.from_config(model.config)  # the per-layer ratio: depth does not matter
+    shape_7b = DecoderShape(hidden=4096, intermediate=11008, layers=32, kv_hidden=4096)
+    info = machine_info(args.device, ("scripts/bench_prefill.py",))  # load before the runs
+    layout = next_layout()
+    visual = next_cases(layout, args.per_crop)
+    rows, raw = [], []
+    for batch in args.batch_sizes:
+        timed = time_next(model, batch, visual, args.reps, args.warmup, args.device, args.seed)
+        raw.append({"batch": batch, **timed})
+        full = summarize(timed["ms"]["full"])
+        quiet = quiet_reps(timed, threads) if not on_gpu else {}
+        quiet_med = {label: statistics.median(v) if v else None for label, v in quiet.items()}
+        for label, k in visual.items():
+            st = summarize(timed["ms"][label])
+            analytic = (prefill_flops(TEXT_TOKENS + visual["full"], shape)
+                        / prefill_flops(TEXT_TOKENS + k, shape))  # fmt: skip
+            speedup = full["median"] / st["median"]
+            rows.append({
+                "batch": batch, "case": label, "visual_tokens": k, "seq_len": TEXT_TOKENS + k,
+                "ms_min": st["min"], "ms_median": st["median"], "ms_p90": st["p90"],
+                "speedup": speedup, "speedup_min": full["min"] / st["min"],
+                "analytic_speedup": analytic, "efficiency": speedup / analytic,
+                "tflops_7b": prefill_flops(TEXT_TOKENS + k, shape_7b) / 1e12,
+                "cpu_per_wall": statistics.median(
+                    c / w for c, w in zip(timed["cpu_ms"][label], timed["ms"][label])),
+                "quiet_n": len(quiet.get(label, [])), "quiet_median": quiet_med.get(label),
+            })  # fmt: skip
+            q_full, q = quiet_med.get("full"), quiet_med.get(label)
+            rows[-1]["quiet_speedup"] = q_full / q if q_full and q else None
+            rows[-1]["quiet_efficiency"] = q_full / q / analytic if q_full and q else None
+            print(json.dumps(rows[-1]), flush=True)
+    sanity = {str(r["batch"]): agreement(r["ms"]["rc_per_crop_repeat"], r["ms"]["rc_per_crop"],
+                                         args.tolerance) for r in raw}  # fmt: skip
+    valid = all(x["valid"] for x in sanity.values())
+    target = {str(x["batch"]): x["efficiency"] >= 0.8 for x in rows if x["case"] == "rc_per_crop"}
+    meta = {
+        **info, "dtype": str(dtype),
+        "layers": layers, "decoder": "smoke (tiny)" if args.smoke else "LLaVA-1.5/NeXT-7B layer",
+        "text_tokens": TEXT_TOKENS, "image_size": list(NEXT_IMAGE), "pinpoints": NEXT_PINPOINTS,
+        "crops": layout.crops, "patches_per_crop": layout.patches, "grid": list(layout.grid),
+        "packed_full": layout.length, "newlines_full": layout.newlines, "per_crop": args.per_crop,
+        "visual_tokens": visual, "reps": args.reps, "warmup": args.warmup, "seed": args.seed,
+        "threads_requested": threads, "order": "shuffled per round (time_interleaved)",
+        "sanity": sanity, "measurement_valid": valid,
+        "target": "rc_per_crop efficiency >= 0.8 at B = 8", "target_met": target,
+        "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }  # fmt: skip
+    stem = args.out / f"prefill_next_{'cuda' if on_gpu else 'cpu'}"
+    if args.out_stem:
+        stem = Path(args.out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": raw},
+                                                    indent=1))  # fmt: skip
+    lines = [
+        f"Prefill at LLaVA-NeXT token counts, {meta['decoder']} shape, {layers} layer(s), "
+        f"{dtype}, {meta['device_name']} ({meta['cpu']}, {meta['threads']} threads), "
+        f"torch {meta['torch']}, transformers {meta['transformers']}, commit "
+        f"{meta['commit'][:7]}{' + uncommitted script changes' * meta['scripts_modified']}.",
+        f"Image {NEXT_IMAGE[0]} x {NEXT_IMAGE[1]}: {layout.crops} crops, packed "
+        f"{layout.length} rows ({layout.crops} x {layout.patches} patches minus unpadding, "
+        f"{layout.newlines} newlines); per crop {args.per_crop} tokens -> "
+        f"{layout.crops * args.per_crop} (+ {layout.newlines} newlines in `rc_per_crop`, "
+        f"none in `rc_per_crop_no_newlines`); {TEXT_TOKENS} text tokens in every case.",
+        f"{args.reps} timed rounds after {args.warmup} warm-up round(s), cases shuffled per "
+        f"round, same input embeddings (prefixes of one tensor); speed-up vs `full` from "
+        f"medians (min-based in brackets).",
+        "",
+        "| B | case | visual tokens | ms min / median / p90 | speed-up | analytic | "
+        "measured / analytic | CPU / wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for x in rows:
+        lines.append(
+            f"| {x['batch']} | {x['case']} | {x['visual_tokens']} | {x['ms_min']:.0f} / "
+            f"{x['ms_median']:.0f} / {x['ms_p90']:.0f} | {x['speedup']:.2f}x "
+            f"({x['speedup_min']:.2f}x) | {x['analytic_speedup']:.2f}x | {x['efficiency']:.2f} | "
+            f"{x['cpu_per_wall']:.2f} |"
+        )
+    lines += [
+        "",
+        f"CPU / wall: this process's CPU time over wall time, median (about "
+        f"{meta['threads']} when it has the cores to itself, lower when other processes "
+        f"share them). Quiet reps (CPU / wall >= {0.9 * meta['threads']:.1f}) only:",
+    ]
+    for x in rows:
+        if x["case"] != "full" and x.get("quiet_speedup"):
+            lines.append(
+                f"- B = {x['batch']} {x['case']}: median {x['quiet_median']:.0f} ms "
+                f"(n = {x['quiet_n']}), speed-up {x['quiet_speedup']:.2f}x, measured / "
+                f"analytic {x['quiet_efficiency']:.2f}"
+            )
+    lines += ["",
+              "Sanity (`rc_per_crop_repeat` vs `rc_per_crop`, the same computation):"]  # fmt: skip
+    lines += [f"- B = {b}: {x['message']}" for b, x in sanity.items()]
+    lines += [f"Target (measured / analytic >= 0.8 for `rc_per_crop` at B = 8): "
+              f"{'met' if target.get('8') else 'not met' if '8' in target else 'B = 8 not run'}"
+              f"{'' if valid else ' (measurement not valid: see sanity)'}."]  # fmt: skip
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -243,10 +546,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--in-llm", action="store_true", help="FastV, DART, PyramidDrop at ~10%")
+    parser.add_argument("--next", action="store_true",
+                        help="LLaVA-NeXT counts: 2,928 packed rows vs per-crop compression")  # fmt: skip
+    parser.add_argument("--per-crop", type=int, default=PER_CROP, help="--next: tokens per crop")
+    parser.add_argument("--warmup", type=int, default=1, help="--next: warm-up rounds")
+    parser.add_argument("--seed", type=int, default=0, help="--next: inputs and case order")
+    parser.add_argument("--tolerance", type=float, default=0.10,
+                        help="--next: sanity-check tolerance on the repeated case's median")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="--next: tiny decoder (tests)")
+    parser.add_argument("--out-stem", default=None,
+                        help="--next: output path without suffix (default <out>/prefill_next_<device>)")  # fmt: skip
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     layers = args.layers or (32 if on_gpu else 2)
     dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
+    if args.next:
+        return main_next(args, on_gpu, dtype, pin_threads(args.threads))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.in_llm:
