@@ -41,16 +41,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -85,129 +81,16 @@ def build(layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
     return model.eval()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-# --- measurement method shared with bench_vision_path.py -------------------------------------
-
-
-def summarize(ms: list[float]) -> dict[str, float]:
-    """min / median / p90 / mean of a timing series (ms); p90 by linear interpolation."""
-    if not ms:
-        raise ValueError("summarize: empty timing series")
-    p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1] if len(ms) > 1 else ms[0]
-    return {"min": min(ms), "median": statistics.median(ms), "p90": p90,
-            "mean": statistics.fmean(ms), "n": len(ms)}  # fmt: skip
-
-
-def agreement(a_ms: list[float], b_ms: list[float], tolerance: float = 0.10) -> dict[str, Any]:
-    """Sanity check of a measurement: two timing series of the same computation (``a``, ``b``)
-    must have medians within ``tolerance`` (relative to ``b``), else the run is not valid.
-
-    Returns ``valid`` (bool), ``verdict`` (``valid`` / ``not valid``), ``ratio`` (median a /
-    median b), both medians, ``tolerance`` and a one-line ``message``.
-    """
-    if tolerance < 0:
-        raise ValueError(f"tolerance={tolerance}; expected >= 0")
-    med_a, med_b = statistics.median(a_ms), statistics.median(b_ms)
-    ratio = med_a / med_b
-    valid = abs(ratio - 1.0) <= tolerance + 1e-12  # the edge counts as inside
-    verdict = "valid" if valid else "not valid"
-    message = (f"medians {med_a:.1f} vs {med_b:.1f} ms (ratio {ratio:.3f}, tolerance "
-               f"{tolerance:.0%}): measurement {verdict}")  # fmt: skip
-    return {"valid": valid, "verdict": verdict, "ratio": ratio, "median_a_ms": med_a,
-            "median_b_ms": med_b, "tolerance": tolerance, "message": message}  # fmt: skip
-
-
-def time_interleaved(
-    cases: dict[str, Callable[[], Any]],
-    warmup: int,
-    reps: int,
-    device: str = "cpu",
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Time every case in a freshly shuffled order each round, ``warmup`` untimed rounds first.
-
-    ``cases``: label -> callable; whatever it returns (e.g. per-stage ms) is kept per timed rep.
-    Wall time per call includes a device sync before and after. Returns ``ms`` (label -> timed
-    ms list), ``warmup_ms``, ``cpu_ms`` (this process's CPU time per timed call, all threads:
-    about ``threads x ms`` on an idle machine, less when other processes share the cores),
-    ``extra`` (label -> returned values), ``orders`` and ``loadavg`` (1-minute, per round).
-    """
-    rng = random.Random(seed)
-    order = list(cases)
-    out: dict[str, Any] = {"ms": {k: [] for k in cases}, "warmup_ms": {k: [] for k in cases},
-                           "cpu_ms": {k: [] for k in cases}, "extra": {k: [] for k in cases},
-                           "orders": [], "loadavg": []}  # fmt: skip
-    for r in range(warmup + reps):
-        rng.shuffle(order)
-        out["orders"].append(list(order))
-        for label in order:
-            sync(device)
-            start, cpu = time.perf_counter(), time.process_time()
-            extra = cases[label]()
-            sync(device)
-            ms = (time.perf_counter() - start) * 1e3
-            cpu_ms = (time.process_time() - cpu) * 1e3
-            if r < warmup:
-                out["warmup_ms"][label].append(ms)
-            else:
-                out["ms"][label].append(ms)
-                out["cpu_ms"][label].append(cpu_ms)
-                out["extra"][label].append(extra)
-        out["loadavg"].append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
-    return out
-
-
-def quiet_reps(timed: dict[str, Any], threads: int, frac: float = 0.9) -> dict[str, list[float]]:
-    """Per case the timed ms of the reps in which this process had its cores to itself: CPU
-    time over wall time at least ``frac x threads`` (CPU only; other processes on the cores
-    lower it). A secondary, contention-free estimate next to the all-reps statistics."""
-    return {label: [w for w, c in zip(ms, timed["cpu_ms"][label]) if c >= frac * threads * w]
-            for label, ms in timed["ms"].items()}  # fmt: skip
-
-
-def pin_threads(threads: int | None) -> int:
-    """Fix torch's intra-op threads (default: every CPU core) and return the count."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    return torch.get_num_threads()
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def machine_info(device: str, scripts: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Machine, library versions, threads, load and commit, for the record."""
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                 .splitlines() if ln.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "torch": torch.__version__,
-        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "commit": _git("rev-parse", "HEAD"),
-    }  # fmt: skip
-    if scripts:  # uncommitted changes to the benchmark scripts themselves
-        info["scripts_modified"] = bool(_git("status", "--porcelain", "--", *scripts))
-    return info
+# the measurement method every bench shares (interleaved rounds, sanity, machine record)
+from recomp_eval.efficiency.benchmark import (  # noqa: E402 - re-exported for the benches
+    agreement,
+    machine_info,
+    pin_threads,
+    quiet_reps,
+    summarize,
+    sync,
+    time_interleaved,
+)
 
 
 @torch.inference_mode()

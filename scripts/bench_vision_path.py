@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_prefill import (
-    NEXT_PINPOINTS,
-    PER_CROP,
+from bench_prefill import NEXT_PINPOINTS, PER_CROP
+
+from recomp_eval.efficiency.benchmark import (
     agreement,
     machine_info,
     pin_threads,
@@ -47,7 +47,6 @@ from bench_prefill import (
     summarize,
     time_interleaved,
 )
-
 from recomp_eval.inject.context import compress
 from recomp_eval.methods import TextSpec, build_method
 from recomp_eval.models.base import ModelBundle
