@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +22,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from recomp_eval.efficiency.benchmark import (  # noqa: E402
+    agreement,
+    machine_info,
+    pin_threads,
+    summarize,
+    time_interleaved,
+)
 from recomp_eval.methods import METHODS, VisionSignals, build_method  # noqa: E402
 from recomp_eval.rc_oracle import make_inputs, rc_single  # noqa: E402
 
@@ -38,27 +41,6 @@ RC_VARIANTS = {
     "recomp[paper]": dict(variant="paper"),
     "recomp[paper,r=0.1]": dict(variant="paper", retention=0.1),
 }
-
-
-def time_call(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of ``repeats`` calls after ``warmup`` discarded ones (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def make_signals(batch: int, device: str, dtype: torch.dtype, key_width: int) -> VisionSignals:
@@ -112,13 +94,15 @@ def build_all(only: list[str] | None = None) -> tuple[dict[str, object], list[st
     return built, notes
 
 
-def vit_forward(batch: int, device: str, dtype: torch.dtype) -> Callable[[], object]:
+def vit_forward(
+    batch: int, device: str, dtype: torch.dtype, layers: int = 24
+) -> Callable[[], object]:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     config = CLIPVisionConfig(
         hidden_size=WIDTH,
         intermediate_size=4 * WIDTH,
-        num_hidden_layers=24,
+        num_hidden_layers=layers,
         num_attention_heads=16,
         image_size=336,
         patch_size=14,
@@ -145,16 +129,9 @@ def oracle_call(signals: VisionSignals) -> Callable[[], object]:
     return run
 
 
-def git_hash() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def summary(times: list[float]) -> dict[str, float]:
-    return {"ms": statistics.median(times), "ms_min": min(times), "n": len(times)}
+    stats = summarize(times)
+    return {"ms": stats["median"], "ms_min": stats["min"], "ms_p90": stats["p90"], "n": len(times)}
 
 
 def main() -> None:
@@ -162,46 +139,66 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (about 2-3 minutes)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--methods", nargs="+", default=None, help="time only these methods")
+    parser.add_argument("--tolerance", type=float, default=0.10, help="sanity check tolerance")
+    parser.add_argument("--smoke", action="store_true", help="tiny run of every code path (tests)")
     args = parser.parse_args()
     # (warm-up calls, timed calls); one ViT-L pass at B=8 takes about a minute on one CPU thread
     warmup, repeats = (1, 5) if args.quick else (2, 15)
+    batches, vit_layers = BATCHES, 24
+    if args.smoke:  # every code path in seconds (tests): B = 1 and 2, a 1-layer ViT, 2 reps
+        warmup, repeats, batches, vit_layers = 1, 2, (1, 2), 1
+    tolerance = args.tolerance
     vit_runs = {1: (1, 1), 8: (0, 1)} if args.quick else {1: (1, 3), 8: (0, 2)}
+    vit_runs = {b: vit_runs.get(b, (0, 1)) for b in batches}
     oracle_reps = 3 if args.quick else 5
 
-    torch.set_num_threads(1)
+    threads = pin_threads(1)
     methods, notes = build_all(args.methods)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = []
+    rows, sanity, raw = [], [], {}
     for device in devices:
         dtype = torch.float32 if device == "cpu" else torch.float16
-        for batch in BATCHES:
+        for batch in batches:
             sig_full = make_signals(batch, device, dtype, WIDTH)
-            oracle = oracle_call(sig_full)
-            # the oracle is timed before and after the methods (pooled) to even out load drift
-            oracle_times = time_call(oracle, "cpu", 1, oracle_reps)
-            vit_warm, vit_reps = vit_runs[batch] if device == "cpu" else (2, 5)
-            vit = summary(time_call(vit_forward(batch, device, dtype), device, vit_warm, vit_reps))
-            timed = {}
+            sig_heads = make_signals(batch, device, dtype, WIDTH // 16)
+            cases = {}
             for label, method in methods.items():
-                key_width = WIDTH // 16 if method.spec.keys == "mean_heads" else WIDTH
-                sig = sig_full
-                if key_width != WIDTH:
-                    sig = make_signals(batch, device, dtype, key_width)
+                sig = sig_heads if method.spec.keys == "mean_heads" else sig_full
+                cases[label] = lambda m=method, s=sig: m(s)
+            for label in list(cases):  # a baseline under construction must not stop the bench
                 try:
-                    times = time_call(lambda m=method, s=sig: m(s), device, warmup, repeats)
-                except Exception as err:  # a baseline under construction must not stop the bench
+                    cases[label]()
+                except Exception as err:
                     notes.append(
                         f"{label} on {device} B={batch}: failed ({type(err).__name__}: {err})"
                     )
-                    continue
-                timed[label] = summary(times)
-            oracle_times += time_call(oracle, "cpu", 0, oracle_reps)
-            ref = summary(oracle_times)
+                    del cases[label]
+            oracle = oracle_call(sig_full)
+            if device == "cpu":  # the release loop runs on the CPU: interleaved with the methods
+                cases["oracle"], cases["oracle_repeat"] = oracle, oracle
+                timed = time_interleaved(cases, warmup, repeats, device)["ms"]
+            else:  # methods on the GPU (CUDA events), the loop on the CPU (wall clock)
+                timed = time_interleaved(cases, warmup, repeats, device)["ms"]
+                timed.update(time_interleaved({"oracle": oracle, "oracle_repeat": oracle},
+                                              1, oracle_reps, "cpu")["ms"])  # fmt: skip
+            vit_warm, vit_reps = vit_runs[batch] if device == "cpu" else (2, 5)
+            vit_ms = time_interleaved({"vit": vit_forward(batch, device, dtype, vit_layers)}, vit_warm,
+                                      vit_reps, device)["ms"]["vit"]  # fmt: skip
+            check = agreement(timed["oracle_repeat"], timed["oracle"], tolerance)
+            sanity.append({"device": device, "batch": batch, "cases": "oracle vs oracle_repeat",
+                           **check})  # fmt: skip
+            raw[f"{device}/B={batch}"] = {**timed, "vit": vit_ms}
+            print(f"{device} B={batch}: {check['message']}", flush=True)
+            ref = summary(timed["oracle"] + timed.pop("oracle_repeat"))
+            vit = summary(vit_ms)
             rows.append(
                 dict(method="oracle (release loop, B=1 each)", device="cpu", batch=batch, **ref)
             )
             rows.append(dict(method="CLIP ViT-L/14-336 forward", device=device, batch=batch, **vit))
-            for label, t in timed.items():
+            for label, times in timed.items():
+                if label == "oracle":
+                    continue
+                t = summary(times)
                 rows.append(
                     dict(
                         method=label, device=device, batch=batch, **t,
@@ -213,14 +210,17 @@ def main() -> None:
             print(f"done {device} B={batch}", flush=True)
 
     env = dict(
-        torch=torch.__version__, python=platform.python_version(), cpu=platform.processor(),
-        threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        git=git_hash(), quick=args.quick, warmup=warmup, repeats=repeats,
+        machine=machine_info(devices[-1], scripts=("scripts/bench_compression.py",)),
+        threads=threads, quick=args.quick, smoke=args.smoke, warmup=warmup, repeats=repeats,
+        vit_layers=vit_layers,
         vit_runs_cpu={str(k): v for k, v in vit_runs.items()}, oracle_reps=2 * oracle_reps,
-        shapes=dict(N=N_PATCHES, C=WIDTH), note="CPU fp32 on one thread; CUDA fp16",
+        shapes=dict(N=N_PATCHES, C=WIDTH), tolerance=tolerance,
+        method="cases interleaved in a shuffled order per round after warm-up rounds "
+               "(recomp_eval.efficiency.benchmark); sanity: the oracle timed as two cases",
+        note="CPU fp32 on one thread; CUDA fp16",
     )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"env": env, "rows": rows, "notes": notes}
+    payload = {"env": env, "rows": rows, "sanity": sanity, "raw_ms": raw, "notes": notes}
     # a subset run (--methods) writes beside the full table instead of replacing it
     stem = "compression" if not args.methods else "compression_" + "_".join(args.methods)
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
@@ -238,7 +238,16 @@ def main() -> None:
             f"| {r['method']} | {r['device']} | {r['batch']} | {r['ms']:.2f} | {r['ms_min']:.2f} "
             f"| {fast} | {pct} |"
         )
-    lines += ["", f"torch {env['torch']}, {env['note']}, git {env['git'][:10]}", ""]
+    machine = env["machine"]
+    lines += [
+        "",
+        f"torch {machine['torch']}, {env['note']}, {machine['cpu']}, commit "
+        f"{machine['commit'][:10]}; cases interleaved, shuffled per round; medians",
+        "",
+    ]
+    lines += [
+        f"- sanity {c['device']} B={c['batch']} ({c['cases']}): {c['message']}" for c in sanity
+    ]
     lines += [f"- {n}" for n in notes]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
