@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from recomp_eval.efficiency.benchmark import machine_info
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
@@ -99,6 +101,7 @@ def main() -> None:
     after_warmup = next(s for s in samples if s[2] >= args.warmup_share * args.rows)
     peak_after = max(s[1] for s in samples if s[0] >= after_warmup[0])
     result = {
+        "machine": machine_info("cpu", scripts=("scripts/bench_memory.py",)),
         "rows": args.rows,
         "seconds": time.time() - start,
         "rss_after_warmup_mb": after_warmup[1],

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+from recomp_eval.efficiency.benchmark import machine_info  # noqa: E402 - the shared record
 
 
 def run(model, model_args: str | None, tasks_dir: Path, task: str, limit: int, batch: int,
@@ -86,7 +88,7 @@ def main() -> None:
     for row in rows:
         row["speedup"] = row["samples_per_s"] / base
     report = {"setting": {k: str(v) for k, v in vars(args).items()},
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "machine": machine_info(str(args.device), scripts=("scripts/bench_peer.py",)),
               "results": rows}  # fmt: skip
     (args.out / "peer.json").write_text(json.dumps(report, indent=2))
     lines = [

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = "runs=[{method: none},{method: recomp, retention: 0.1, options: {variant: official}}]"
+
+
+from recomp_eval.efficiency.benchmark import machine_info  # noqa: E402 - the shared record
 
 
 def run_world(nproc: int, args: argparse.Namespace, work: Path) -> dict:
@@ -93,7 +95,7 @@ def main() -> None:
         r["speedup"] = r["samples_per_s"] / base
     report = {
         "setting": {k: str(v) for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine_info(str(args.device), scripts=("scripts/bench_scaling.py",)),
         "results": results,
     }
     (args.out / "scaling.json").write_text(json.dumps(report, indent=2))
