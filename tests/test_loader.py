@@ -293,3 +293,27 @@ def test_mean_colour_truncates():
         image_mean = (0.48145466, 0.4578275, 0.40821073)
 
     assert mean_colour(P()) == (122, 116, 104)
+
+
+@pytest.mark.parametrize("change", ["drop", "extra"])
+def test_a_checkpoint_that_does_not_fill_the_model_is_one_line_error(folder, tmp_path, change):
+    """A tensor missing from the weights (it would stay random) or one the model has no place
+    for: one line naming the count and an example, before any result is computed."""
+    from safetensors.torch import load_file, save_file
+
+    from recomp_eval.models.checkpoint_checks import BadCheckpointError
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(folder, bad)
+    weights = bad / "model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(k for k in state if "multi_modal_projector" in k)[0]
+    if change == "drop":
+        del state[name]
+    else:
+        state["multi_modal_projector.extra.weight"] = torch.zeros(2, 2)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(BadCheckpointError) as err:
+        load_llava(str(bad), dtype="float32")
+    text = str(err.value)
+    assert "\n" not in text and ("missing keys: 1" in text or "unexpected keys: 1" in text)

@@ -171,12 +171,28 @@ def load_hf_model(
     """
     placement = {} if device_map is None else {"device_map": device_map}
     with _quiet_load(*_TP_LOGGERS), without_launch_env():
-        model = _from_pretrained(
+        model, info = _from_pretrained(
             model_class, model_id, dtype=dtype, attn_implementation=attn_implementation,
-            **placement,
+            output_loading_info=True, **placement,
         )  # fmt: skip
+    check_loading_info(info, model_id)
     if device_map is None:
         model = model.to(device)
     else:
         device = model.get_input_embeddings().weight.device
     return model.eval(), torch.device(device)
+
+
+def check_loading_info(info: dict[str, Any], model_id: str) -> None:
+    """One line when the checkpoint's tensors do not fill the model: a missing tensor would
+    stay randomly initialised and every result from it would be noise."""
+    problems = {key: sorted(info.get(key) or ()) for key in
+                ("missing_keys", "unexpected_keys", "mismatched_keys")}  # fmt: skip
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {len(v)} (e.g. {v[0]})"
+                           for k, v in problems.items())  # fmt: skip
+        raise BadCheckpointError(
+            f"{model_id} does not match its model class ({detail}); the weights are incomplete "
+            f"or from another architecture: re-download the checkpoint or check model.family"
+        )
