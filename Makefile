@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help eval eval-dp eval-lmms demo-docs install lint format test test-all test-gpu bench tables sweep fixtures clean
+.PHONY: help eval eval-dp eval-lmms demo-docs install lint format test test-all test-gpu bench bench-gpu tables sweep fixtures clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -74,6 +74,10 @@ test-gpu: $(VENV)/.installed-dev ## run the GPU smoke tests (needs CUDA)
 
 bench: $(VENV)/.installed ## compression benchmark (JSON + markdown under results/bench)
 	$(PY) scripts/bench_compression.py $(ARGS)
+
+bench-gpu: $(VENV)/.installed-dev ## every GPU figure in one run (one H100/H200, < 10 min), then the docs table
+	$(PY) scripts/bench_gpu.py $(ARGS)
+	$(PY) scripts/update_bench_docs.py
 
 # Data-parallel: NPROC torchrun processes (one device each, cuda:LOCAL_RANK on GPUs). Default: the
 # demo into $(DP_ROOT), one CPU thread per process; ARGS adds or overrides Hydra settings.

@@ -69,7 +69,9 @@ def rc_single(
     x_keep = features[i_keep]
 
     keep_set = set(i_keep.tolist())
-    i_rest = torch.tensor([i for i in range(n) if i not in keep_set], dtype=torch.long)
+    # index lists live where the inputs do (on CUDA, as the release runs them)
+    dev = features.device
+    i_rest = torch.tensor([i for i in range(n) if i not in keep_set], dtype=torch.long, device=dev)
     r = len(i_rest)
     a_r, f_r, s_r = attn[i_rest], features[i_rest], s[i_rest]
     base = width if center_base == "width" else r
@@ -84,12 +86,13 @@ def rc_single(
 
     merged, nbr_lists = [], []
     for i, centre in enumerate(j):
-        cand = torch.tensor([j[q] for q in range(m) if q != i] + non_centres, dtype=torch.long)
+        cand = torch.tensor([j[q] for q in range(m) if q != i] + non_centres, dtype=torch.long,
+                            device=dev)  # fmt: skip
         score = k_norm[cand] @ k_norm[centre] + t[cand]
         nbr = cand[torch.topk(score, n_nbr).indices]
         merged.append(f_r[centre] + (a_r[nbr, None] * f_r[nbr]).sum(0))
         nbr_lists.append(i_rest[nbr].tolist())
-    non = torch.tensor(non_centres, dtype=torch.long)
+    non = torch.tensor(non_centres, dtype=torch.long, device=dev)
     summary = (a_r[non, None] * f_r[non]).sum(0)
 
     source = i_keep.tolist()

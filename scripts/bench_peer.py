@@ -69,9 +69,10 @@ def main() -> None:
             write_benchmark(args.benchmark, args.data, n_images=args.limit // 6 + 1)
     tasks_dir = args.out / "tasks"
     (task,) = write_tasks(args.data, tasks_dir, (args.benchmark,))
-    placement = "device_map" if args.device == "cpu" else "device"
+    # the device goes in once: lmms-eval passes the extra config's `device` to the class too,
+    # so naming it in the argument string as well is a duplicate keyword there
     reference, ref_s = run("llava_hf", f"pretrained={args.model},dtype={args.dtype},"
-                           f"{placement}={args.device}", tasks_dir, task, args.limit, 1,
+                           f"device_map={args.device}", tasks_dir, task, args.limit, 1,
                            args.device)  # fmt: skip
     rows = [{"harness": "lmms-eval llava_hf", "batch": 1, "samples": len(reference),
              "seconds": ref_s, "samples_per_s": len(reference) / ref_s, "identical": True}]  # fmt: skip
