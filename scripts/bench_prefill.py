@@ -92,24 +92,6 @@ from recomp_eval.efficiency.benchmark import (  # noqa: E402 - re-exported for t
     time_interleaved,
 )
 
-
-@torch.inference_mode()
-def time_prefill(model, batch: int, length: int, reps: int, device: str) -> float:
-    """Median seconds of one prefill forward of ``batch`` x ``length`` tokens."""
-    hidden = model.config.hidden_size
-    embeds = torch.randn(batch, length, hidden, dtype=model.dtype, device=device) * 0.02
-    mask = torch.ones(batch, length, dtype=torch.long, device=device)
-    times = []
-    for i in range(reps + 1):  # the first run is a warm-up
-        sync(device)
-        start = time.perf_counter()
-        model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 IMAGE_OFFSET = 35  # the vicuna_v1 system prompt up to <image>: text before the image rows
 VOCAB = 32000
 
@@ -435,7 +417,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="--next: warm-up rounds")
     parser.add_argument("--seed", type=int, default=0, help="--next: inputs and case order")
     parser.add_argument("--tolerance", type=float, default=0.10,
-                        help="--next: sanity-check tolerance on the repeated case's median")  # fmt: skip
+                        help="sanity-check tolerance on the repeated case's median")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="--next: tiny decoder (tests)")
     parser.add_argument("--out-stem", default=None,
                         help="--next: output path without suffix (default <out>/prefill_next_<device>)")  # fmt: skip
@@ -452,33 +434,55 @@ def main() -> None:
     model = build(layers, dtype, args.device)
     shape = DecoderShape(hidden=4096, intermediate=11008, layers=32, kv_hidden=4096)
     full = TEXT_TOKENS + N_PATCHES
-    rows = []
+    rows, sanity, raw = [], [], {}
     for batch in args.batch_sizes:
-        base = None
-        for r in RETENTIONS:
-            kept = budget_from_ratio(r, N_PATCHES)
-            seconds = time_prefill(model, batch, TEXT_TOKENS + kept, args.reps, args.device)
-            base = base or seconds
+        # one input for every case: each case runs a prefix of it; all interleaved per round
+        embeds = torch.randn(batch, full, model.config.hidden_size, dtype=model.dtype,
+                             device=args.device) * 0.02  # fmt: skip
+        mask = torch.ones(batch, full, dtype=torch.long, device=args.device)
+
+        def case(length: int, embeds=embeds, mask=mask):
+            @torch.inference_mode()
+            def run():
+                model(inputs_embeds=embeds[:, :length], attention_mask=mask[:, :length],
+                      use_cache=True, logits_to_keep=1)  # fmt: skip
+
+            return run
+
+        kept_by = {r: budget_from_ratio(r, N_PATCHES) for r in RETENTIONS}
+        cases = {f"r={r}": case(TEXT_TOKENS + k) for r, k in kept_by.items()}
+        cases["r=0.1#repeat"] = case(TEXT_TOKENS + kept_by[0.1])  # the sanity check's twin
+        timed = time_interleaved(cases, 1, args.reps, args.device)["ms"]
+        raw[str(batch)] = timed
+        check = agreement(timed["r=0.1#repeat"], timed["r=0.1"], args.tolerance)
+        sanity.append({"batch": batch, "cases": "r=0.1 vs its repeat", **check})
+        base = summarize(timed["r=1.0"])["median"]
+        for r, kept in kept_by.items():
+            ms = summarize(timed[f"r={r}"])["median"]
             analytic = prefill_flops(full, shape) / prefill_flops(TEXT_TOKENS + kept, shape)
-            measured = base / seconds
+            measured = base / ms
             rows.append({
                 "batch": batch, "retention": r, "kept": kept, "seq_len": TEXT_TOKENS + kept,
-                "prefill_ms": seconds * 1e3, "speedup": measured, "analytic_speedup": analytic,
-                "efficiency": measured / analytic,
+                "prefill_ms": ms, "prefill_ms_min": min(timed[f"r={r}"]), "speedup": measured,
+                "analytic_speedup": analytic, "efficiency": measured / analytic,
                 "tflops_7b": prefill_flops(TEXT_TOKENS + kept, shape) / 1e12,
             })  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+        print(f"B = {batch}: sanity {check['message']}", flush=True)
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
     meta = {
         "device": args.device, "device_name": device_name, "dtype": str(dtype), "layers": layers,
         "threads": torch.get_num_threads(), "text_tokens": TEXT_TOKENS, "torch": torch.__version__,
+        "machine": machine_info(args.device, ("scripts/bench_prefill.py",)), "reps": args.reps,
+        "method": "cases interleaved, shuffled per round after a warm-up round; medians",
+        "sanity": sanity,
     }  # fmt: skip
     target = [x for x in rows if x["retention"] == 0.1]
     meta["target_met"] = {str(x["batch"]): x["efficiency"] >= 0.8 for x in target}
     tag = "cuda" if on_gpu else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"prefill_{tag}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1)
+        json.dumps({"meta": meta, "rows": rows, "raw_ms": raw}, indent=1)
     )
     lines = [
         f"Prefill, LLaVA-1.5-7B layer shape, {layers} layer(s), {dtype}, {device_name}, "
@@ -492,6 +496,12 @@ def main() -> None:
             f"| {x['batch']} | {x['retention']:g} | {x['kept']} | {x['prefill_ms']:.1f} | "
             f"{x['speedup']:.2f}x | {x['analytic_speedup']:.2f}x | {x['efficiency']:.2f} |"
         )
+    lines += [
+        "",
+        f"{args.reps} timed rounds after a warm-up round, cases shuffled per round, one "
+        f"input (each case a prefix); medians. Sanity (the 10 % case timed twice):",
+    ]
+    lines += [f"- B = {c['batch']}: {c['message']}" for c in sanity]
     (args.out / f"prefill_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
