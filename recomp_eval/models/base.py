@@ -331,6 +331,23 @@ def check_signals(method: Any, adapter: Any) -> None:
     )
 
 
+def resolve_model_id(model_id: str, special: str, build: Callable[[], Any]) -> str:
+    """A configured ``model.id``: ``special`` (a family's tiny id) builds its offline folder; a
+    relative folder is looked up in the working directory, then in the repository; anything
+    else is a hub id."""
+    from pathlib import Path
+
+    from recomp_eval.config_path import CONFIG_DIR
+
+    if model_id == special:
+        return str(build())
+    path = Path(model_id).expanduser()
+    if path.is_absolute() or path.exists():
+        return str(path)
+    in_repo = CONFIG_DIR.parent / path
+    return str(in_repo) if in_repo.exists() else model_id
+
+
 def run_method(method: Any, tower_out: TowerOutput) -> Compressed:
     """``method`` on the tower items' signals; the CLS attention, when captured, is added to the
     output's ``patch_scores`` for diagnostics (where the method looked)."""

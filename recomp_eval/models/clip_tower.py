@@ -156,6 +156,25 @@ def add_text_signal(
     )  # [B,N]
 
 
+def check_feature_config(model: Any, tokenizer: Any, model_id: str) -> None:
+    """The config assumptions of these steps, each a one-line error: one int feature layer, CLS
+    dropped (``default``), an image placeholder that is one tokenizer token."""
+    cfg = model.config
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError(
+            f"{model_id}: vision_feature_layer={cfg.vision_feature_layer}; only a single int "
+            f"layer is supported"
+        )
+    if cfg.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"{model_id}: vision_feature_select_strategy='{cfg.vision_feature_select_strategy}'; "
+            f"the adapter expects 'default' (CLS dropped)"
+        )
+    token = tokenizer.convert_ids_to_tokens(int(cfg.image_token_id))
+    if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
+        raise ValueError(f"{model_id}: image token '{token}' is not a single tokenizer token")
+
+
 class ClipTowerSteps:
     """Adapter methods shared by the CLIP-tower families (a mix-in: the family class gives
     ``family``, ``resolve`` and the rest of :class:`~recomp_eval.models.base.ModelAdapter`)."""

@@ -15,7 +15,6 @@ Letters: B batch, N patches, C ViT width, E LLM width, T_i tokens kept for sampl
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from recomp_eval.models.base import (
     TowerOutput,
     check_prompt,
     provenance_cpu,
+    resolve_model_id,
     run_method,
 )
 from recomp_eval.models.clip_tower import (  # noqa: F401 - the family's steps, re-exported
@@ -90,18 +90,10 @@ class LlavaAdapter(ClipTowerSteps):
     supported_signals = frozenset(SIGNALS)  # a CLIP tower with a CLS token and a CLIP text pair
 
     def resolve(self, model_id: str) -> str:
-        """``tiny`` builds the offline tiny checkpoint; a relative folder is looked up in the
-        working directory, then in the repository; anything else is a hub id."""
-        from recomp_eval.config_path import CONFIG_DIR
+        """``tiny`` builds the offline tiny checkpoint; folders and hub ids as they are."""
         from recomp_eval.models.llava.tiny import build_tiny
 
-        if model_id == "tiny":
-            return str(build_tiny())
-        path = Path(model_id).expanduser()
-        if path.is_absolute() or path.exists():
-            return str(path)
-        in_repo = CONFIG_DIR.parent / path
-        return str(in_repo) if in_repo.exists() else model_id
+        return resolve_model_id(model_id, "tiny", build_tiny)
 
     def load(self, model_id, dtype, device, attn_implementation, clip_text_id,
              device_map=None) -> ModelBundle:  # fmt: skip

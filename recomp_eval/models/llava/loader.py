@@ -39,6 +39,7 @@ from recomp_eval.models.clip_text import (  # noqa: F401 - re-exported
     ClipText,
     load_clip_text,
 )
+from recomp_eval.models.clip_tower import check_feature_config
 from recomp_eval.models.hf_loading import (  # noqa: F401 - re-exported
     _from_pretrained,
     _load_with,
@@ -85,7 +86,7 @@ def load_llava(
     processor.image_processor = load_image_processor(model_id)
     tokenizer = _from_pretrained(AutoTokenizer, model_id)
     tokenizer.padding_side = "left"
-    _check_config(model, tokenizer, model_id)
+    check_feature_config(model, tokenizer, model_id)
     if clip_text_id is None:
         sub = Path(model_id).expanduser() / "clip"
         clip_text_id = str(sub) if sub.is_dir() else DEFAULT_CLIP_TEXT_ID
@@ -122,21 +123,3 @@ def load_image_processor(model_id: str) -> Any:
     config, _ = _load_with(pinned.__name__, pinned.get_image_processor_dict, model_id)
     check_pinnable(config, model_id)
     return pinned.from_dict(config)
-
-
-def _check_config(model: Any, tokenizer: Any, model_id: str) -> None:
-    """Assert the assumptions the adapter makes about the checkpoint."""
-    cfg = model.config
-    if not isinstance(cfg.vision_feature_layer, int):
-        raise ValueError(
-            f"{model_id}: vision_feature_layer={cfg.vision_feature_layer}; only a single int "
-            f"layer is supported"
-        )
-    if cfg.vision_feature_select_strategy != "default":
-        raise ValueError(
-            f"{model_id}: vision_feature_select_strategy='{cfg.vision_feature_select_strategy}'; "
-            f"the adapter expects 'default' (CLS dropped)"
-        )
-    token = tokenizer.convert_ids_to_tokens(int(cfg.image_token_id))
-    if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
-        raise ValueError(f"{model_id}: image token '{token}' is not a single tokenizer token")

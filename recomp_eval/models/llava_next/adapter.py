@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from recomp_eval.models.base import (
     ModelShapes,
     TowerOutput,
     check_prompt,
+    resolve_model_id,
     run_method,
 )
 from recomp_eval.models.clip_tower import ClipTowerSteps
@@ -99,18 +99,10 @@ class LlavaNextAdapter(ClipTowerSteps):
     # --- loading and prompts ---------------------------------------------------------------
 
     def resolve(self, model_id: str) -> str:
-        """``tiny_next`` builds the offline tiny checkpoint; a relative folder is looked up in
-        the working directory, then in the repository; anything else is a hub id."""
-        from recomp_eval.config_path import CONFIG_DIR
+        """``tiny_next`` builds the offline tiny checkpoint; folders and hub ids as they are."""
         from recomp_eval.models.llava_next.tiny import build_tiny_next
 
-        if model_id == "tiny_next":
-            return str(build_tiny_next())
-        path = Path(model_id).expanduser()
-        if path.is_absolute() or path.exists():
-            return str(path)
-        in_repo = CONFIG_DIR.parent / path
-        return str(in_repo) if in_repo.exists() else model_id
+        return resolve_model_id(model_id, "tiny_next", build_tiny_next)
 
     def load(self, model_id, dtype, device, attn_implementation, clip_text_id,
              device_map=None) -> ModelBundle:  # fmt: skip

@@ -34,13 +34,17 @@ templates render ``USER: <image>\\n{text} ASSISTANT:`` (vicuna) and ``[INST] <im
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from recomp_eval.models.base import (  # noqa: F401 - re-exported for callers of this module
     PROBE_TEXT,
     PromptTemplateError,
     check_prompt,
+)
+from recomp_eval.models.chat_templates import (
+    holder_source,
+    structured_turn,
+    template_holder,
 )
 
 LMMS_WRAPPER = "lmms_eval.models.chat.llava_hf.LlavaHf (lmms-eval 0.7.3, the default llava_hf)"
@@ -65,11 +69,6 @@ def _check_base(base: str) -> str:
             f"unknown LLaVA-NeXT base '{base}'; expected one of {', '.join(CONV_MODES)}"
         )
     return base
-
-
-def structured_turn(text: str) -> list[dict[str, Any]]:
-    """One user message with an image part and a text part, as lmms-eval builds it."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 def render_prompt(
@@ -108,19 +107,6 @@ def render_prompt(
     )
 
 
-def template_holder(tokenizer: Any, processor: Any) -> Any:
-    """The object whose chat template ``lmms_eval`` uses: the processor (as lmms-eval's chat
-    wrapper), else the tokenizer with the same structured content."""
-    for holder in (processor, tokenizer):
-        if holder is not None and getattr(holder, "chat_template", None):
-            return holder
-    raise PromptTemplateError(
-        "protocol=lmms_eval needs the checkpoint's chat template, but neither its processor nor "
-        "its tokenizer has one (no chat_template.json or chat_template.jinja in the folder); add "
-        "the checkpoint's template file or use protocol=llava15"
-    )
-
-
 def template_source(
     protocol: str, tokenizer: Any, processor: Any, folder: str | None, base: str
 ) -> str:
@@ -131,14 +117,7 @@ def template_source(
     mode = CONV_MODES[_check_base(base)]
     if protocol_spec(protocol).conversation == "llava15":
         return f"{mode} (LLaVA conv_{mode}, built in)"
-    holder = template_holder(tokenizer, processor)
-    kind = "processor" if holder is processor else "tokenizer"
-    files = [
-        name
-        for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
-        if folder and (Path(folder) / name).is_file()
-    ]
-    return f"{kind}:{files[0] if files else 'chat_template'}"
+    return holder_source(tokenizer, processor, folder)
 
 
 def follows(protocol: str, base: str) -> str:

@@ -17,7 +17,7 @@ import torch
 
 from recomp_eval.models.base import ModelBundle
 from recomp_eval.models.checkpoint_checks import check_checkpoint_folder
-from recomp_eval.models.clip_tower import DEFAULT_CLIP_TEXT_ID
+from recomp_eval.models.clip_tower import DEFAULT_CLIP_TEXT_ID, check_feature_config
 from recomp_eval.models.hf_loading import (
     _from_pretrained,
     _load_with,
@@ -46,24 +46,6 @@ def load_image_processor(model_id: str) -> Any:
     if not config.get("image_grid_pinpoints"):
         raise ValueError(f"{model_id}: the image processor settings have no image_grid_pinpoints")
     return pinned.from_dict(config)
-
-
-def check_config(model: Any, tokenizer: Any, model_id: str) -> None:
-    """The assumptions the adapter makes about the checkpoint, each a one-line error."""
-    cfg = model.config
-    if not isinstance(cfg.vision_feature_layer, int):
-        raise ValueError(
-            f"{model_id}: vision_feature_layer={cfg.vision_feature_layer}; only a single int "
-            f"layer is supported"
-        )
-    if cfg.vision_feature_select_strategy != "default":
-        raise ValueError(
-            f"{model_id}: vision_feature_select_strategy='{cfg.vision_feature_select_strategy}'; "
-            f"the adapter expects 'default' (CLS dropped)"
-        )
-    token = tokenizer.convert_ids_to_tokens(int(cfg.image_token_id))
-    if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
-        raise ValueError(f"{model_id}: image token '{token}' is not a single tokenizer token")
 
 
 def load_llava_next(
@@ -98,7 +80,7 @@ def load_llava_next(
     processor.image_processor = load_image_processor(model_id)
     tokenizer = _from_pretrained(AutoTokenizer, model_id)
     tokenizer.padding_side = "left"
-    check_config(model, tokenizer, model_id)
+    check_feature_config(model, tokenizer, model_id)
     if clip_text_id is None:
         sub = Path(model_id).expanduser() / "clip"
         clip_text_id = str(sub) if sub.is_dir() else DEFAULT_CLIP_TEXT_ID

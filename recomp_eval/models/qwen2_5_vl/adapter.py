@@ -27,7 +27,6 @@ Letters: B images, N_i merged tokens of image i, E LLM width, T_i kept tokens, L
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,7 @@ from recomp_eval.models.base import (
     TowerOutput,
     check_prompt,
     provenance_cpu,
+    resolve_model_id,
     run_method,
     working_methods,
 )
@@ -107,17 +107,10 @@ class QwenAdapter:
     # --- loading and prompts ---------------------------------------------------------------
 
     def resolve(self, model_id: str) -> str:
-        """``tiny_qwen`` builds the offline tiny checkpoint; folders as the other families."""
-        from recomp_eval.config_path import CONFIG_DIR
+        """``tiny_qwen`` builds the offline tiny checkpoint; folders and hub ids as they are."""
         from recomp_eval.models.qwen2_5_vl.tiny import build_tiny_qwen
 
-        if model_id == "tiny_qwen":
-            return str(build_tiny_qwen())
-        path = Path(model_id).expanduser()
-        if path.is_absolute() or path.exists():
-            return str(path)
-        in_repo = CONFIG_DIR.parent / path
-        return str(in_repo) if in_repo.exists() else model_id
+        return resolve_model_id(model_id, "tiny_qwen", build_tiny_qwen)
 
     def load(self, model_id, dtype, device, attn_implementation, clip_text_id,
              device_map=None) -> ModelBundle:  # fmt: skip

@@ -15,10 +15,10 @@ has another default system turn.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from recomp_eval.models.base import PromptTemplateError
+from recomp_eval.models.chat_templates import template_file
 
 LMMS_WRAPPER = "lmms_eval.models.chat.qwen2_5_vl.Qwen2_5_VL (lmms-eval 0.7.3, qwen2_5_vl)"
 LMMS_SYSTEM_PROMPT = "You are a helpful assistant."  # the wrapper's default system_prompt
@@ -53,9 +53,7 @@ def render_prompt(protocol: str, text: str, processor: Any) -> str:
 
 
 def template_source(protocol: str, processor: Any, folder: str | None) -> str:
-    files = [name for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
-             if folder and (Path(folder) / name).is_file()]  # fmt: skip
-    where = files[0] if files else "chat_template"
+    where = template_file(folder)
     system = "lmms-eval system prompt" if protocol == "lmms_eval" else "template default system"
     return f"processor:{where} ({system})"
 
