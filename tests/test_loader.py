@@ -191,9 +191,9 @@ def test_nested_relative_path_is_a_missing_folder_not_a_hub_id(tmp_path, monkeyp
 
 def test_load_errors_past_the_checks_are_one_line(folder, tmp_path, monkeypatch):
     """What the up-front checks miss is still one line, without hub advice, for local folders."""
-    from recomp_eval.models.llava import loader
+    import recomp_eval.models.checkpoint_checks as checks
 
-    monkeypatch.setattr(loader, "check_checkpoint_folder", lambda *a, **k: None)
+    monkeypatch.setattr(checks, "check_checkpoint_folder", lambda *a, **k: None)
     ckpt = _copy(folder, tmp_path)
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

@@ -175,6 +175,49 @@ def check_feature_config(model: Any, tokenizer: Any, model_id: str) -> None:
         raise ValueError(f"{model_id}: image token '{token}' is not a single tokenizer token")
 
 
+def load_clip_family(
+    model_class: Any, model_type: str, model_id: str, dtype: Any, device: Any,
+    attn_implementation: str, clip_text_id: str | None, device_map: Any,
+    image_processor: Any, adapter: Any, processor_kwargs: dict[str, Any] | None = None,
+) -> ModelBundle:  # fmt: skip
+    """A CLIP-tower checkpoint as a :class:`ModelBundle`: the model (``model_class``, which must
+    be a ``model_type`` checkpoint), the processor with ``image_processor(model_id)`` pinned in,
+    a left-padding tokenizer, the config checked, and the CLIP text tower's id (``clip_text_id``,
+    else the folder's ``clip/``, else :data:`DEFAULT_CLIP_TEXT_ID`)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from recomp_eval.models.checkpoint_checks import check_checkpoint_folder
+    from recomp_eval.models.hf_loading import (
+        _from_pretrained,
+        _local_folder,
+        load_hf_model,
+        resolve_dtype,
+    )
+
+    torch_dtype = resolve_dtype(dtype)
+    if (folder := _local_folder(model_id)) is not None:
+        check_checkpoint_folder(folder)
+    model, device = load_hf_model(model_class, model_id, torch_dtype, device,
+                                  attn_implementation, device_map)  # fmt: skip
+    if model.config.model_type != model_type:
+        raise ValueError(
+            f"{model_id} is a '{model.config.model_type}' checkpoint, not {model_type}; use its "
+            f"family's model config (model.family)"
+        )
+    processor = _from_pretrained(AutoProcessor, model_id, **(processor_kwargs or {}))
+    auto_class = type(processor.image_processor).__name__
+    processor.image_processor = image_processor(model_id)
+    tokenizer = _from_pretrained(AutoTokenizer, model_id)
+    tokenizer.padding_side = "left"
+    check_feature_config(model, tokenizer, model_id)
+    if clip_text_id is None:
+        sub = Path(model_id).expanduser() / "clip"
+        clip_text_id = str(sub) if sub.is_dir() else DEFAULT_CLIP_TEXT_ID
+    return ModelBundle(model=model, tokenizer=tokenizer, processor=processor, model_id=model_id,
+                       dtype=torch_dtype, device=device, clip_text_id=clip_text_id,
+                       adapter=adapter, auto_image_processor_class=auto_class)  # fmt: skip
+
+
 class ClipTowerSteps:
     """Adapter methods shared by the CLIP-tower families (a mix-in: the family class gives
     ``family``, ``resolve`` and the rest of :class:`~recomp_eval.models.base.ModelAdapter`)."""

@@ -15,7 +15,6 @@ tower is checked against that tower once per pair (:func:`clip_pairing_check`,
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from recomp_eval.models.clip_text import (  # noqa: F401 - re-exported
     ClipText,
     load_clip_text,
 )
-from recomp_eval.models.clip_tower import check_feature_config
+from recomp_eval.models.clip_tower import load_clip_family
 from recomp_eval.models.hf_loading import (  # noqa: F401 - re-exported
     _from_pretrained,
     _load_with,
@@ -74,35 +73,13 @@ def load_llava(
         device_map: ``auto`` (or an accelerate map) spreads a model larger than one GPU over
             the visible GPUs in this one process; inputs then go where the embeddings live.
     """
-    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    torch_dtype = resolve_dtype(dtype)
-    if (folder := _local_folder(model_id)) is not None:
-        check_checkpoint_folder(folder)
-    model, device = load_hf_model(LlavaForConditionalGeneration, model_id, torch_dtype, device,
-                                  attn_implementation, device_map)  # fmt: skip
-    processor = _from_pretrained(AutoProcessor, model_id)
-    auto_class = type(processor.image_processor).__name__
-    processor.image_processor = load_image_processor(model_id)
-    tokenizer = _from_pretrained(AutoTokenizer, model_id)
-    tokenizer.padding_side = "left"
-    check_feature_config(model, tokenizer, model_id)
-    if clip_text_id is None:
-        sub = Path(model_id).expanduser() / "clip"
-        clip_text_id = str(sub) if sub.is_dir() else DEFAULT_CLIP_TEXT_ID
     from recomp_eval.models.llava.adapter import LlavaAdapter
 
-    return ModelBundle(
-        model=model,
-        tokenizer=tokenizer,
-        processor=processor,
-        model_id=model_id,
-        dtype=torch_dtype,
-        device=device,
-        clip_text_id=clip_text_id,
-        adapter=LlavaAdapter(),
-        auto_image_processor_class=auto_class,
-    )
+    return load_clip_family(LlavaForConditionalGeneration, "llava", model_id, dtype, device,
+                            attn_implementation, clip_text_id, device_map, load_image_processor,
+                            LlavaAdapter())  # fmt: skip
 
 
 def load_image_processor(model_id: str) -> Any:

@@ -10,20 +10,14 @@ without torchvision. The CLIP text tower comes from ``model.clip_text_id``, else
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from recomp_eval.models.base import ModelBundle
-from recomp_eval.models.checkpoint_checks import check_checkpoint_folder
-from recomp_eval.models.clip_tower import DEFAULT_CLIP_TEXT_ID, check_feature_config
+from recomp_eval.models.clip_tower import load_clip_family
 from recomp_eval.models.hf_loading import (
-    _from_pretrained,
     _load_with,
-    _local_folder,
-    load_hf_model,
-    resolve_dtype,
 )
 
 PINNED_IMAGE_PROCESSOR = "LlavaNextImageProcessorPil"
@@ -63,35 +57,8 @@ def load_llava_next(
     :class:`~recomp_eval.models.llava_next.adapter.LlavaNextAdapter` (with its compression
     scope and newline rule) the bundle is driven by.
     """
-    from transformers import AutoProcessor, AutoTokenizer, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
-    torch_dtype = resolve_dtype(dtype)
-    if (folder := _local_folder(model_id)) is not None:
-        check_checkpoint_folder(folder)
-    model, device = load_hf_model(LlavaNextForConditionalGeneration, model_id, torch_dtype,
-                                  device, attn_implementation, device_map)  # fmt: skip
-    if model.config.model_type != "llava_next":
-        raise ValueError(
-            f"{model_id} is a '{model.config.model_type}' checkpoint, not llava_next; use its "
-            f"family's model config (model.family)"
-        )
-    processor = _from_pretrained(AutoProcessor, model_id, backend="pil")
-    auto_class = type(processor.image_processor).__name__
-    processor.image_processor = load_image_processor(model_id)
-    tokenizer = _from_pretrained(AutoTokenizer, model_id)
-    tokenizer.padding_side = "left"
-    check_feature_config(model, tokenizer, model_id)
-    if clip_text_id is None:
-        sub = Path(model_id).expanduser() / "clip"
-        clip_text_id = str(sub) if sub.is_dir() else DEFAULT_CLIP_TEXT_ID
-    return ModelBundle(
-        model=model,
-        tokenizer=tokenizer,
-        processor=processor,
-        model_id=model_id,
-        dtype=torch_dtype,
-        device=device,
-        clip_text_id=clip_text_id,
-        adapter=adapter,
-        auto_image_processor_class=auto_class,
-    )
+    return load_clip_family(LlavaNextForConditionalGeneration, "llava_next", model_id, dtype,
+                            device, attn_implementation, clip_text_id, device_map,
+                            load_image_processor, adapter, {"backend": "pil"})  # fmt: skip
