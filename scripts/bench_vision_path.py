@@ -579,7 +579,7 @@ def main_next(args, dtype: torch.dtype, meta_base: dict) -> None:
                      f"{c['none_vs_stock_max_abs_diff']:.2e}; packed rows stock "
                      f"{c['stock_packed_rows'][0]}, RC {c['rc_packed_rows']}.")  # fmt: skip
     for b, r in rc_rows.items():
-        if r["quiet_x_vanilla"] is not None:
+        if r["quiet_x_vanilla"] is not None and r["quiet_x_none"] is not None:
             q = sanity_quiet.get(str(b))
             counts = ", ".join(f"{x['case']} {x['quiet_n']}" for x in rows if x["batch"] == b)
             lines.append(f"- B = {b}, quiet reps only (CPU / wall >= "
