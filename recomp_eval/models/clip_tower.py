@@ -228,6 +228,22 @@ class ClipTowerSteps:
     def check_method(self, method) -> None:
         """Every method runs on a CLIP tower (signals are checked apart)."""
 
+    def expand_prompt(self, bundle, prompt_ids, lengths):
+        """The prompt's image token repeated ``T_i`` times per sample, left-padded."""
+        from recomp_eval.models.llm_inputs import expand_image_tokens
+
+        return expand_image_tokens(prompt_ids, lengths, bundle.image_token_id,
+                                   bundle.tokenizer.pad_token_id, bundle.device)  # fmt: skip
+
+    def generate(self, bundle, input_ids, attention_mask, features, provenance=None,
+                 **generate_kwargs):  # fmt: skip
+        """``generate`` with the rows as ``mm_encoder_outputs`` (1-D positions: nothing to
+        place by the provenance)."""
+        from recomp_eval.models.llm_inputs import generate_with_features
+
+        return generate_with_features(bundle.model, input_ids, attention_mask, features,
+                                      **generate_kwargs)  # fmt: skip
+
     def tower_pass(self, bundle, pixel_values, probe, extra_q=(), extra_k=(), layout=None):
         return tower_pass(bundle.model, pixel_values, probe, extra_q, extra_k)
 

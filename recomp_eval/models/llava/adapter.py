@@ -144,15 +144,6 @@ class LlavaAdapter(ClipTowerSteps):
         cpu = provenance_cpu(compressed)
         return [(cpu.sample(i), {}) for i in range(cpu.lengths.shape[0])]
 
-    def expand_prompt(self, bundle, prompt_ids, lengths):
-        return expand_image_tokens(prompt_ids, lengths, bundle.image_token_id,
-                                   bundle.tokenizer.pad_token_id, bundle.device)  # fmt: skip
-
-    def generate(self, bundle, input_ids, attention_mask, features, provenance=None,
-                 **generate_kwargs):  # fmt: skip
-        return generate_with_features(bundle.model, input_ids, attention_mask, features,
-                                      **generate_kwargs)  # fmt: skip
-
     def keep_map_panels(self, bundle: ModelBundle, codes, row) -> list:
         return [("", codes.reshape(self.shapes(bundle).grid))]  # one grid over the image
 

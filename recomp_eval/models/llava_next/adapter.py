@@ -57,7 +57,6 @@ from recomp_eval.models.llava_next.tokens import (
     packed_order,
     token_crops,
 )
-from recomp_eval.models.llm_inputs import expand_image_tokens, generate_with_features
 
 
 class GlobalOutput:
@@ -234,15 +233,6 @@ class LlavaNextAdapter(ClipTowerSteps):
         return result
 
     # --- LLM side --------------------------------------------------------------------------
-
-    def expand_prompt(self, bundle, prompt_ids, lengths):
-        return expand_image_tokens(prompt_ids, lengths, bundle.image_token_id,
-                                   bundle.tokenizer.pad_token_id, bundle.device)  # fmt: skip
-
-    def generate(self, bundle, input_ids, attention_mask, features, provenance=None,
-                 **generate_kwargs):  # fmt: skip
-        return generate_with_features(bundle.model, input_ids, attention_mask, features,
-                                      **generate_kwargs)  # fmt: skip
 
     def keep_map_panels(self, bundle: ModelBundle, codes, row) -> list:
         """Two panels over the whole image: the base crop's patches and the grid crops' map,
