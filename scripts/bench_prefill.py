@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,7 +86,6 @@ from recomp_eval.efficiency.benchmark import (  # noqa: E402 - re-exported for t
     pin_threads,
     quiet_reps,
     summarize,
-    sync,
     time_interleaved,
 )
 
@@ -136,8 +133,10 @@ def build_llava(layers: int, dtype: torch.dtype, device: str):
 
 
 @torch.inference_mode()
-def time_in_llm(model, batch: int, reps: int, device: str, depth: int) -> list[dict]:
-    """Median prefill seconds of each in-LLM case at retention 0.1, shuffled per round."""
+def time_in_llm(model, batch: int, reps: int, device: str, depth: int,
+                tolerance: float = 0.10) -> list[dict]:  # fmt: skip
+    """Median prefill seconds of each in-LLM case at retention 0.1, shuffled per round; each row
+    carries the sanity verdict of FastV timed as two cases."""
     from recomp_eval.inject.llm_attention import llm_pruning
     from recomp_eval.methods import build_method
     from recomp_eval.models.llm_inputs import image_features_arg
@@ -153,27 +152,30 @@ def time_in_llm(model, batch: int, reps: int, device: str, depth: int) -> list[d
     cases = in_llm_cases(depth)
     methods = {label: build_method(name, retention=r, **opts)
                for label, (name, r, opts) in cases.items()}  # fmt: skip
-    times: dict[str, list[float]] = {label: [] for label in methods}
     counts: dict[str, list[int]] = {}
-    order = list(methods)
-    rng = random.Random(0)
-    for i in range(reps + 1):  # round 0 is a warm-up of every case
-        rng.shuffle(order)
-        for label in order:
-            method = methods[label]
-            sync(device)
-            start = time.perf_counter()
+
+    def case(label: str):
+        method = methods[label]
+
+        def run():
             if method.llm is None:
                 model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=feats,
                       logits_to_keep=1)  # fmt: skip
-            else:
-                with llm_pruning(model, method.llm, image_id) as probe:
-                    model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=feats,
-                          logits_to_keep=1)  # fmt: skip
-                counts[label] = probe.per_layer_counts[:, 0].tolist()
-            sync(device)
-            if i:
-                times[label].append(time.perf_counter() - start)
+                return
+            with llm_pruning(model, method.llm, image_id) as probe:
+                model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=feats,
+                      logits_to_keep=1)  # fmt: skip
+            counts[label] = probe.per_layer_counts[:, 0].tolist()
+
+        return torch.inference_mode()(run)
+
+    timers = {label: case(label) for label in methods}
+    timers["fastv#repeat"] = case("fastv")  # the sanity check: one case timed twice
+    # round 0 of every case is a warm-up; shuffled interleaved rounds (the shared method)
+    ms = time_interleaved(timers, 1, reps, device)["ms"]
+    times = {label: [t / 1e3 for t in v] for label, v in ms.items()}
+    check = agreement(ms["fastv#repeat"], ms["fastv"], tolerance)
+    print(f"B = {batch}: sanity {check['message']}", flush=True)
     shape = DecoderShape(hidden=hidden, intermediate=model.config.text_config.intermediate_size,
                          layers=depth, kv_hidden=hidden)  # fmt: skip
     full = prefill_flops(TEXT_TOKENS + N_PATCHES, shape)
@@ -188,7 +190,7 @@ def time_in_llm(model, batch: int, reps: int, device: str, depth: int) -> list[d
             "mean_visual_tokens": statistics.fmean(per_layer), "per_layer": per_layer,
             "prefill_ms": seconds * 1e3, "prefill_ms_min": min(times[label]) * 1e3,
             "speedup": base / seconds, "analytic_speedup": analytic,
-            "efficiency": base / seconds / analytic, "reps": reps,
+            "efficiency": base / seconds / analytic, "reps": reps, "sanity": check,
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -198,7 +200,9 @@ def main_in_llm(args, on_gpu: bool, dtype: torch.dtype) -> None:
     depth = args.layers or (32 if on_gpu else 4)
     model = build_llava(depth, dtype, args.device)
     rows = [
-        r for b in args.batch_sizes for r in time_in_llm(model, b, args.reps, args.device, depth)
+        r
+        for b in args.batch_sizes
+        for r in time_in_llm(model, b, args.reps, args.device, depth, args.tolerance)
     ]
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
     meta = {
@@ -206,7 +210,9 @@ def main_in_llm(args, on_gpu: bool, dtype: torch.dtype) -> None:
         "threads": torch.get_num_threads(), "text_tokens": TEXT_TOKENS, "torch": torch.__version__,
         "target_met": {f"{r['method']}@{r['batch']}": r["efficiency"] >= 0.8
                        for r in rows if r["method"] != "none"},
+        "machine": machine_info(args.device, ("scripts/bench_prefill.py",)),
     }  # fmt: skip
+    sanity = {r["batch"]: r["sanity"] for r in rows}
     tag = "cuda" if on_gpu else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"prefill_in_llm_{tag}.json").write_text(
@@ -230,6 +236,8 @@ def main_in_llm(args, on_gpu: bool, dtype: torch.dtype) -> None:
             f"{x['prefill_ms']:.0f} / {x['prefill_ms_min']:.0f} | {x['speedup']:.2f}x | "
             f"{x['analytic_speedup']:.2f}x | {x['efficiency']:.2f} |"
         )
+    lines += ["", "Sanity (FastV timed as two cases):"]
+    lines += [f"- B = {b}: {c['message']}" for b, c in sanity.items()]
     (args.out / f"prefill_in_llm_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
