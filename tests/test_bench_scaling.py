@@ -1,0 +1,67 @@
+"""scripts/bench_scaling.py follows the shared benchmark method: whole launches as interleaved
+cases, statistics per world size, and a repeated first world size as its sanity check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "bench_scaling", ROOT / "scripts" / "bench_scaling.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch(nproc: int, span: float, samples: int = 300) -> dict:
+    return {"nproc": nproc, "samples": samples, "generation_s": span,
+            "samples_per_s": samples / span, "wall_s": span + 10.0, "devices": ["cpu"]}  # fmt: skip
+
+
+def test_case_labels_repeat_the_first_world_size():
+    labels = load_script().case_labels([1, 2, 4])
+    assert labels == {"world1": 1, "world2": 2, "world4": 4, "world1_repeat": 1}
+
+
+def test_speedups_come_from_medians_and_the_repeat_decides_validity():
+    bench = load_script()
+    launches = {
+        "world1": [launch(1, 60.0), launch(1, 58.0), launch(1, 90.0)],  # median 60 s
+        "world1_repeat": [launch(1, 59.0), launch(1, 61.0), launch(1, 62.0)],
+        "world2": [launch(2, 30.0), launch(2, 31.0), launch(2, 29.0)],  # median 30 s
+    }
+    out = bench.aggregate([1, 2], launches, tolerance=0.10)
+    one, two = out["results"]
+    assert one["launches"] == 3 and one["generation_s"]["median"] == pytest.approx(60.0)
+    assert one["generation_s"]["min"] == pytest.approx(58.0)
+    assert two["speedup"] == pytest.approx((300 / 30) / (300 / 60))  # 2.00x, the outlier ignored
+    assert out["sanity"]["valid"] and out["sanity"]["ratio"] == pytest.approx(61.0 / 60.0)
+    launches["world1_repeat"] = [launch(1, 80.0)] * 3
+    assert not bench.aggregate([1, 2], launches, tolerance=0.10)["sanity"]["valid"]
+
+
+def test_smoke_run_interleaves_launches_and_reports_a_verdict(tmp_path):
+    from recomp_eval.synth.writers import write_benchmark
+
+    write_benchmark("pope", tmp_path / "synth", n_images=2)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_scaling.py"), "--model", "tiny",
+           "--benchmark", "pope", "--data", str(tmp_path / "synth" / "pope"), "--limit", "4",
+           "--batch-size", "4", "--nprocs", "1", "--rounds", "1", "--out", str(tmp_path / "out")]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    report = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    assert report["machine"]["torch"] and len(report["orders"]) == 1
+    assert sorted(report["orders"][0]) == ["world1", "world1_repeat"]
+    assert report["results"][0]["samples"] == 8  # 4 questions x 2 runs
+    assert report["sanity"]["verdict"] in ("valid", "not valid")
+    assert not list((tmp_path / "out").glob("world1*"))  # launch folders are not left behind
+    assert "Sanity (1 process(es)" in (tmp_path / "out" / "scaling.md").read_text()
