@@ -51,7 +51,6 @@ import time
 T0 = time.monotonic()  # the global deadline counts from here when run as a script
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
@@ -690,15 +689,12 @@ def _evaluate(model: Any, tasks_dir: Path, task: str, limit: int, batch: int,
             _sync(device)
             spans.append(time.perf_counter() - start)
 
-    model.generate_until = timed
-    model.clean = lambda: None  # lmms-eval's clean() drops the model: keep it for the next run
+    model.generate_until = timed  # run() keeps the model loaded after lmms-eval's clean()
     try:
-        answers, seconds = run(model, None, tasks_dir, task, limit, batch, device)
+        result = run(model, tasks_dir, task, limit, batch)
     finally:
-        for name in ("generate_until", "clean"):
-            with contextlib.suppress(AttributeError):
-                delattr(model, name)
-    return answers, seconds, sum(spans)
+        del model.generate_until
+    return result["answers"], result["seconds"], sum(spans)
 
 
 def part_e2e(ctx: Context, rec: dict[str, Any]) -> None:
