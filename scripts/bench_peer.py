@@ -1,4 +1,4 @@
-"""lmms-eval's own ``llava_hf`` (batch 1, its only option) against our plugin at batch 1/8/32.
+"""lmms-eval's own ``llava_hf`` (batch 1, its only option) against our plugin at batch 1/8/16/32.
 
 The same checkpoint, the same lmms-eval task YAML (POPE over local SynthVQA parquet by default)
 and the same samples; ``method=none`` so both evaluate the uncompressed model. Reports
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="folder of benchmark folders (default: SynthVQA, written here)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=256)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds, each evaluating every case once in a shuffled order")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.10,

@@ -9,7 +9,10 @@ says that no GPU run is recorded yet. Nothing in the block is written by hand.
     python scripts/update_bench_docs.py --check         # exit 1 when the block is stale
 
 ``scripts/bench_gpu.py`` writes its markdown with :func:`render_record` too, so the docs block
-and ``results/bench/gpu/bench_gpu.md`` show the same tables.
+and ``results/bench/gpu/bench_gpu.md`` show the same tables. The block opens with the headline
+figure of each part measured on this CPU beside the same figure of every GPU record
+(``scripts/bench_headlines.py``, from ``results/bench/*.json``), so a new CPU run makes the
+block stale too.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench_headlines import side_by_side
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "bench_gpu/1"
 BEGIN, END = "<!-- bench-gpu -->", "<!-- /bench-gpu -->"
 BLOCK = re.compile(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), re.DOTALL)
 GENERATED = ("<!-- written by `python scripts/update_bench_docs.py` from "
-             "results/bench/gpu/*.json: do not edit by hand -->")  # fmt: skip
+             "results/bench/gpu/*.json and results/bench/*.json: do not edit by hand -->")  # fmt: skip
 NO_RUN = ("No GPU run is recorded yet: run `make bench-gpu` on a machine with one H100/H200 "
           "(it writes `results/bench/gpu/bench_gpu.json`), then "
           "`python scripts/update_bench_docs.py`.")  # fmt: skip
@@ -161,11 +166,14 @@ def load_records(results: Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def render_block(records: list[tuple[str, dict[str, Any]]]) -> str:
-    """What goes between the markers."""
+def render_block(records: list[tuple[str, dict[str, Any]]],
+                 cpu_results: Path = ROOT / "results" / "bench") -> str:  # fmt: skip
+    """What goes between the markers: the CPU-beside-GPU headlines, then every GPU record."""
+    body = [GENERATED, "", "Headline figures: this CPU beside the GPU (ratios; CPU shapes as in "
+            "the sections above, GPU shapes as below).", "", *side_by_side(cpu_results, records),
+            ""]  # fmt: skip
     if not records:
-        return f"{GENERATED}\n\n{NO_RUN}\n"
-    body = [GENERATED, ""]
+        return "\n".join([*body, NO_RUN]) + "\n"
     for name, record in records:
         if len(records) > 1:
             body += [f"### `{name}`", ""]
@@ -183,13 +191,15 @@ def fill(doc: str, block: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "bench" / "gpu")
+    parser.add_argument("--cpu-results", type=Path, default=ROOT / "results" / "bench",
+                        help="the CPU scripts' JSON records (the headline table's CPU column)")  # fmt: skip
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--check", action="store_true",
                         help="compare only; exit 1 when the block differs from the records")  # fmt: skip
     args = parser.parse_args(argv)
     doc = args.docs.read_text()
     records = load_records(args.results)
-    updated = fill(doc, render_block(records))
+    updated = fill(doc, render_block(records, args.cpu_results))
     if args.check:
         if updated != doc:
             print(f"update_bench_docs: the {BEGIN} block of {args.docs} is stale against "
