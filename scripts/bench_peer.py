@@ -96,7 +96,7 @@ def main() -> None:
                         help="folder of benchmark folders (default: SynthVQA, written here)")  # fmt: skip
     parser.add_argument("--limit", type=int, default=256)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32])
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--rounds", type=int, default=4,
                         help="rounds, each evaluating every case once in a shuffled order")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.10,
                         help="sanity: llava_hf timed twice must agree within this")  # fmt: skip

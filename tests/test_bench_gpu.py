@@ -203,3 +203,52 @@ def test_update_bench_docs_fills_and_checks(smoke, tmp_path: Path) -> None:
 def test_committed_docs_block_matches_the_committed_records() -> None:
     """docs/performance.md's block is what update_bench_docs.py makes of results/bench/gpu/."""
     assert scripts_module("update_bench_docs").main(["--check"]) == 0
+
+
+def _write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def test_headline_table_puts_each_cpu_figure_beside_the_gpu_ones(tmp_path: Path) -> None:
+    heads = scripts_module("bench_headlines")
+    machine = {"machine": {"commit": "abcdef0123"}}
+    _write(tmp_path / "compression.json", {"env": machine, "rows": [
+        {"method": "recomp[official,lof=torch]", "batch": 1, "x_faster_than_oracle": 3.0},
+        {"method": "recomp[official,lof=torch]", "batch": 8, "x_faster_than_oracle": 4.5}]})  # fmt: skip
+    _write(tmp_path / "vision_path.json", {"meta": {"commit": "1234567"}, "rows": [
+        {"batch": 1, "case": "none", "ms": 100.0},
+        {"batch": 1, "case": "rc_paper", "ms": 90.0, "speedup_vs_release": 1.9}]})  # fmt: skip
+    _write(tmp_path / "peer" / "peer.json", {"results": [
+        {"harness": "lmms-eval llava_hf", "batch": 1, "speedup": 1.0},
+        {"harness": "recomp_llava (ours)", "batch": 16, "speedup": 0.85}]})  # fmt: skip
+    gpu = {"schema": "bench_gpu/1", "smoke": False, "parts": {
+        "compression": {"rows": [{"method": "recomp[official,lof=torch]", "batch": 8,
+                                  "x_vs_release_device": 31.0}]},
+        "e2e": {"rows": [{"harness": "recomp_llava (ours)", "method": "none", "batch": 16,
+                          "speedup_vs_llava_hf": 5.5}]}}}  # fmt: skip
+    smoke = {**gpu, "smoke": True}
+    lines = heads.side_by_side(tmp_path, [("a.json", gpu), ("b_smoke.json", smoke)])
+    assert lines[0].endswith("| GPU `a.json` |")  # the smoke record is no GPU column
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[2:]}
+    rc = rows["RC `official` (torch LOF) vs the release loop, B = 8"]
+    assert rc[2:] == ["4.50", "`results/bench/compression.json` @ abcdef0", "31.00 |"]
+    assert rows["vision path, RC `paper` / our `none`, B = 1"][2] == "0.90"  # 90 / 100
+    e2e = rows["end to end, ours `none` at batch 16 vs `llava_hf` at batch 1"]
+    assert e2e[2] == "0.85" and e2e[4] == "5.50 |"
+    prefill = rows["prefill, 58 vs 576 visual tokens, measured / analytic, B = 1"]
+    assert prefill[2:] == ["not measured", "`results/bench/prefill_cpu.json`", "not measured |"]
+    assert heads.side_by_side(tmp_path, [])[2].endswith("| not run |")
+
+
+def test_headlines_find_their_fields_in_a_bench_gpu_record(smoke) -> None:
+    """The GPU lookups name fields bench_gpu.py writes: a renamed field fails here."""
+    heads = scripts_module("bench_headlines")
+    record, _, _ = smoke
+    batch1 = [h for h in heads.HEADLINES if "B = 1" in h.figure]
+    assert len(batch1) == 3 and all(h.gpu(record) is not None for h in batch1)
+    assert heads._find(heads._rows(record, "compression"), "x_vs_release_device",
+                       method=heads.RC_TORCH, batch=2) is not None  # smoke runs B = 1, 2  # fmt: skip
+    if HAS_LMMS:
+        e2e = [h for h in heads.HEADLINES if h.figure.startswith("end to end")]
+        assert all(h.gpu(record) is not None for h in e2e)

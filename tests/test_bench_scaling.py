@@ -3,24 +3,19 @@ cases, statistics per world size, and a repeated first world size as its sanity 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import scripts_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "bench_scaling", ROOT / "scripts" / "bench_scaling.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return scripts_module("bench_scaling")
 
 
 def launch(nproc: int, span: float, samples: int = 300) -> dict:
