@@ -45,6 +45,7 @@ def test_speedups_come_from_medians_and_the_repeat_decides_validity():
     assert not bench.aggregate([1, 2], launches, tolerance=0.10)["sanity"]["valid"]
 
 
+@pytest.mark.slow  # two torchrun launches, about 25 s; the logic above is in `make test`
 def test_smoke_run_interleaves_launches_and_reports_a_verdict(tmp_path):
     from recomp_eval.synth.writers import write_benchmark
 
