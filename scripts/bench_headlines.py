@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from recomp_eval.efficiency.benchmark import markdown_table
+
 Record = dict[str, Any]
 
 
@@ -139,5 +141,4 @@ def side_by_side(cpu_root: Path, gpu_records: Sequence[tuple[str, Record]]) -> l
         source = f"`results/bench/{h.cpu_file}`" + (f" @ {commit}" if commit else "")
         gpus = [_fmt(h.gpu(rec)) for _, rec in gpu] or ["not run"]
         rows.append([h.figure, h.target, _fmt(h.cpu(record)), source, *gpus])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    return markdown_table(header, rows).splitlines()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFL
 from recomp_eval.efficiency.benchmark import (  # noqa: E402 - the shared method and record
     agreement,
     machine_info,
+    sanity_line,
     summarize,
     time_interleaved,
 )
@@ -103,8 +105,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "peer")
     args = parser.parse_args()
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds {args.rounds}: expected at least 1 round")
+    if args.rounds < 1 or args.tolerance < 0:
+        sys.exit(f"--rounds {args.rounds} --tolerance {args.tolerance}: expected at least 1 "
+                 f"round and a tolerance >= 0 (e.g. --rounds 4 --tolerance 0.1)")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     from lmms_eval.models import get_model
 
@@ -160,7 +163,7 @@ def main() -> None:
                      f"{r['speedup']:.2f}x | "
                      f"{'yes' if r['identical'] else 'no (' + str(r['identical_count']) + ')'} |")  # fmt: skip
     lines += ["", f"Sanity (llava_hf timed as two cases): "
-              f"{summary['sanity']['message'].replace(' ms', ' ms of evaluation')}."]  # fmt: skip
+              f"{sanity_line(summary['sanity'], 'evaluation')}."]  # fmt: skip
     (args.out / "peer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

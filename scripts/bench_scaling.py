@@ -40,6 +40,7 @@ RUNS = "runs=[{method: none},{method: recomp, retention: 0.1, options: {variant:
 from recomp_eval.efficiency.benchmark import (  # noqa: E402 - the shared method and record
     agreement,
     machine_info,
+    sanity_line,
     summarize,
     time_interleaved,
 )
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "scaling")
     args = parser.parse_args()
+    if args.rounds < 1 or args.tolerance < 0:
+        sys.exit(f"--rounds {args.rounds} --tolerance {args.tolerance}: expected at least 1 "
+                 f"round and a tolerance >= 0 (e.g. --rounds 2 --tolerance 0.1)")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         from recomp_eval.synth.writers import write_benchmark
@@ -138,8 +142,6 @@ def main() -> None:
         args.data = synth / args.benchmark
         if not (args.data / "manifest.json").exists():
             write_benchmark(args.benchmark, synth)
-    if args.rounds < 1:
-        sys.exit(f"--rounds {args.rounds}: expected at least 1 round")
     machine = machine_info(str(args.device), scripts=("scripts/bench_scaling.py",))
     labels = case_labels(args.nprocs)
     cases = {lab: (lambda lab=lab, n=n: run_world(n, args, args.out, lab))
@@ -172,7 +174,7 @@ def main() -> None:
                      f"{g['median']:.1f} / {g['p90']:.1f} | {r['samples_per_s']['median']:.2f} | "
                      f"{r['speedup']:.2f}x | {r['wall_s']['median']:.1f} |")  # fmt: skip
     lines += ["", f"Sanity ({args.nprocs[0]} process(es) launched as two cases): "
-              f"{summary['sanity']['message'].replace(' ms', ' ms of generation')}."]  # fmt: skip
+              f"{sanity_line(summary['sanity'], 'generation')}."]  # fmt: skip
     (args.out / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -61,3 +61,13 @@ def test_smoke_run_interleaves_launches_and_reports_a_verdict(tmp_path):
     assert report["sanity"]["verdict"] in ("valid", "not valid")
     assert not list((tmp_path / "out").glob("world1*"))  # launch folders are not left behind
     assert "Sanity (1 process(es)" in (tmp_path / "out" / "scaling.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["bench_scaling.py", "bench_peer.py"])
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--tolerance", "-0.1"]])
+def test_bad_rounds_or_tolerance_is_one_line_before_any_run(script, bad, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / script), *bad, "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "expected at least 1 round" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing was launched or written

@@ -59,3 +59,11 @@ def test_machine_info_and_results_files(tmp_path):
     j, m = bm.write_results(tmp_path / "sub" / "x", {"machine": info}, md)
     assert json.loads(j.read_text())["machine"]["torch"] == info["torch"]
     assert m.read_text() == md
+
+
+def test_sanity_line_reports_seconds_ratio_and_verdict() -> None:
+    line = bm.sanity_line(
+        bm.agreement([12_000.0, 13_000.0], [10_000.0, 10_000.0], 0.10), "evaluation"
+    )
+    assert line == ("medians 12.5 vs 10.0 s of evaluation (ratio 1.250, tolerance 10%): "
+                    "measurement not valid")  # fmt: skip

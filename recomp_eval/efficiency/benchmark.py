@@ -73,6 +73,14 @@ def agreement(
             "median_b_ms": med_b, "tolerance": tolerance, "message": message}  # fmt: skip
 
 
+def sanity_line(sanity: dict[str, Any], what: str) -> str:
+    """One line for a report on an :func:`agreement` verdict over whole runs timed in ms,
+    with the medians in seconds (``what``: what was timed, e.g. "evaluation")."""
+    return (f"medians {sanity['median_a_ms'] / 1e3:.1f} vs {sanity['median_b_ms'] / 1e3:.1f} s "
+            f"of {what} (ratio {sanity['ratio']:.3f}, tolerance {sanity['tolerance']:.0%}): "
+            f"measurement {sanity['verdict']}")  # fmt: skip
+
+
 def _timed_call(fn: Callable[[], Any], device: str) -> tuple[float, float, Any]:
     """(wall ms, CPU ms, result) of one call; CUDA events on a GPU."""
     if str(device).startswith("cuda"):
